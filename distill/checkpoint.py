@@ -1,0 +1,96 @@
+"""Training checkpoints without pickle: weights, optimiser state and RNG in safetensors, the
+rest in JSON. A checkpoint directory is written under a temp name and renamed into place,
+so a crash never leaves a half-written ``step_*`` folder behind."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import load_tensors, read_json, save_tensors, write_json
+
+_PREFIX = "step_"
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, slots in state["state"].items():
+        plain["state"][str(pid)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value
+                plain["state"][str(pid)][name] = {"tensor": f"{pid}.{name}"}
+            else:
+                plain["state"][str(pid)][name] = {"value": value}
+    return tensors, plain
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, slots in plain["state"].items():
+        state[int(pid)] = {n: tensors[v["tensor"]] if "tensor" in v else v["value"] for n, v in slots.items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write ``root/step_XXXXXXXX`` atomically and keep only the newest ``keep`` checkpoints."""
+    root = Path(root)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp_{_PREFIX}{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "model.safetensors", model.state_dict())
+    opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    write_json(tmp / "optimizer.json", opt_plain)
+    save_tensors(tmp / "rng.safetensors", _rng_state())
+    write_json(tmp / "state.json", {"step": step, **state})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Restore model (+ optimiser, RNG) in place; returns the JSON state (step, history, ...)."""
+    path = Path(path)
+    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    if optimizer is not None:
+        tensors = load_tensors(path / "optimizer.safetensors")  # load_state_dict moves them to the params
+        optimizer.load_state_dict(_join_optimizer(tensors, read_json(path / "optimizer.json")))
+    if restore_rng:
+        _set_rng_state(load_tensors(path / "rng.safetensors"))
+    return read_json(path / "state.json")

