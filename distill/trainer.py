@@ -142,7 +142,7 @@ class TrainLoop:
                     loss, terms = self.compute_loss(batch)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
-                            f"loss is {float(loss)} at step {step + 1} (terms: {terms}); stopping. "
+                            f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. "
                             f"Last checkpoint: {(list_checkpoints(ckpt_root) or ['none'])[-1]}. "
                             "Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
                     acc.backward(loss)

@@ -1,0 +1,152 @@
+"""The ``distill`` command line: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Distil a large frozen CLIP teacher into tiny, fast CLIP students.
+
+commands:
+  demo     offline end-to-end run: generated data, a small teacher, a distilled student, a report
+  fit      distil a student from a recipe YAML (recipes/*.yaml), with key=value overrides
+  tune     contrastively tune a two-tower model (a teacher) from a recipe
+  export   write a trained student as weights-only safetensors + config.json
+  list     show the registered teachers, students and losses
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .version import __version__
+
+    p.add_argument("--version", action="version", version=f"clip-distill {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="offline end-to-end demo (a few minutes on 2 CPU cores)",
+                       description="Generates captioned shapes, trains a small teacher CLIP on them once (cached in "
+                       "~/.cache/clip-distill), distils a 5x smaller student with the same Distiller a real run uses, and "
+                       "prints teacher vs student zero-shot accuracy, retrieval R@1, parameters and images/s. "
+                       "With --teacher and --data it distils a real teacher on your data instead.")
+    d.add_argument("--teacher", help="real teacher instead of the generated one, e.g. openclip:ViT-B-32")
+    d.add_argument("--pretrained", help="open_clip pretrained tag or weights file for --teacher")
+    d.add_argument("--data", help="csv/jsonl of image,caption or a folder (with --teacher)")
+    d.add_argument("--student", help="student name (default: a narrow vit_tiny for the demo, vit_tiny otherwise)")
+    d.add_argument("--steps", type=int, help="distillation steps")
+    d.add_argument("--work", help="where to write the run (default: ~/.cache/clip-distill/demo/runs)")
+    d.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", help="also write the results as JSON to this file")
+
+    f = sub.add_parser("fit", help="distil a student from a recipe",
+                       description="Distil from a recipe YAML. Overrides use dotted keys: "
+                       "distill fit recipes/vit_tiny_from_vit_b32.yaml train.lr=1e-4 data.train=my.csv")
+    f.add_argument("recipe", help="recipe YAML (only the fields that differ from the defaults)")
+    f.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
+
+    t = sub.add_parser("tune", help="contrastively tune a two-tower model from a recipe",
+                       description="CLIP loss with a learnable temperature; tune.lock=text|image|none. The student "
+                       "section names the two-tower model (e.g. vit_tiny+bert_small); the result in "
+                       "<output_dir>/model loads with load_teacher().")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("export", help="weights-only student export",
+                       description="Reads a student folder or a run folder (its student/) and writes model.safetensors "
+                       "+ config.json (+ text tokenizer) to --out: no optimiser state, loadable by load_student().")
+    e.add_argument("path", help="student folder or run folder")
+    e.add_argument("--out", required=True)
+    e.add_argument("--format", default="safetensors", choices=["safetensors"],
+                   help="safetensors (ONNX formats come with the export issue)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+
+    sub.add_parser("list", help="registered teachers, students and losses")
+    return p
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoSizes, format_table, run_demo
+
+    sizes = DemoSizes.quick() if args.quick else DemoSizes()
+    results = run_demo(args.work, args.teacher, args.pretrained, args.data, args.student, sizes,
+                       seed=args.seed, max_steps=args.steps)
+    print()
+    print(format_table(results))
+    print(f"\nstudent saved to {results['student_dir']}  ({results['seconds']:.0f} s in all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .config import load_recipe
+    from .trainer import Distiller
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = Distiller(recipe=recipe).fit()
+    print(f"final loss {result.history['loss'][-1]:.4f} after {result.steps} steps; student: {result.model_dir}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .config import load_recipe
+    from .students import create_student
+    from .tune import Tuner
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    kwargs = dict(recipe.student.kwargs)
+    embed_dim = kwargs.pop("embed_dim", 512)
+    model = create_student(recipe.student.name, embed_dim=embed_dim, **kwargs)
+    result = Tuner(model, recipe=recipe).fit()
+    print(f"final loss {result.history['loss'][-1]:.4f}; model: {result.model_dir} (load_teacher() loads it)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .students import load_student
+
+    src = Path(args.path)
+    if not (src / "config.json").exists() and (src / "student" / "config.json").exists():
+        src = src / "student"
+    student = load_student(src)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    out = student.save(args.out, dtype=dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {student.modality} student ({student.num_params() / 1e6:.2f}M params, {args.dtype}) "
+          f"to {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .losses import LOSSES
+    from .students import list_students
+    from .teachers import list_teachers
+
+    print("teachers:", ", ".join(list_teachers()), "| or openclip:<arch>, hf:<id|dir>, a saved folder")
+    print("students:", ", ".join(list_students()), "| or timm:<name>, hf:<id|dir>, image+text")
+    print("losses:  ", ", ".join(LOSSES.list()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    from .config import RecipeError
+
+    try:
+        return {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "list": cmd_list}[args.command](args)
+    except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

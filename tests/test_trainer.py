@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from conftest import tiny_student
+from distill import Distiller, load_student
+from distill.trainer import NonFiniteLossError
+
+FAST = dict(batch_size=16, num_workers=0, progress=False, warmup_steps=2, lr=3e-3)
+
+
+def test_distillation_lowers_the_loss(teacher, student, shapes, tmp_path):
+    result = Distiller(teacher, student, output_dir=str(tmp_path / "run"), max_steps=30, **FAST).fit(
+        str(shapes / "train.csv"))
+    loss = result.history["loss"]
+    assert len(loss) == 30 and all(isinstance(v, float) for v in loss)
+    assert sum(loss[-5:]) / 5 < 0.8 * sum(loss[:5]) / 5
+    assert set(result.history) >= {"loss", "lr", "cosine", "contrastive"}
+    # the saved student is the trained one and remembers its teacher
+    again = load_student(result.output_dir / "student")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.encode_image(x), result.student.eval().encode_image(x))
+    assert again.teacher_identity == teacher.identity
+    assert (result.output_dir / "recipe.yaml").exists() and (result.output_dir / "log.jsonl").exists()
+
+
+def _run(teacher, shapes, out, steps, resume=False, **kw):
+    torch.manual_seed(0)
+    return Distiller(teacher, tiny_student(), output_dir=str(out), max_steps=steps, resume=resume,
+                     checkpoint_every=3, **{**FAST, **kw}).fit(str(shapes / "train.csv"))
+
+
+def test_resume_matches_uninterrupted_run(teacher, shapes, tmp_path):
+    full = _run(teacher, shapes, tmp_path / "full", 8, grad_accum=2)
+    _run(teacher, shapes, tmp_path / "cut", 3, grad_accum=2)  # "crashes" after the step-3 checkpoint
+    resumed = _run(teacher, shapes, tmp_path / "cut", 8, resume=True, grad_accum=2)
+    assert resumed.history["loss"] == full.history["loss"]
+    for (k, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_guard_names_the_step(teacher, shapes, tmp_path):
+    student = tiny_student()
+    with torch.no_grad():
+        student.image.proj.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="at step 1 "):
+        Distiller(teacher, student, output_dir=str(tmp_path / "nan"), max_steps=3, **FAST).fit(
+            str(shapes / "train.csv"))
+
+
+def test_text_student_distils_from_captions(teacher, shapes, tmp_path):
+    from distill import create_student
+
+    torch.manual_seed(0)
+    student = create_student("bert_small", embed_dim=teacher.embed_dim, hidden_size=32, num_layers=1, num_heads=2)
+    result = Distiller(teacher, student, output_dir=str(tmp_path / "txt"), max_steps=25, **FAST).fit(
+        str(shapes / "train.csv"))
+    loss = result.history["loss"]
+    assert sum(loss[-5:]) < sum(loss[:5])
+    assert load_student(result.output_dir / "student").modality == "text"
+
+
+def test_data_errors_are_clear(teacher, student, tmp_path):
+    f = tmp_path / "captions.csv"
+    f.write_text("caption\na dog\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="image tower but the data has no images"):
+        Distiller(teacher, student, output_dir=str(tmp_path / "x"), **FAST).fit(str(f))
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        Distiller(teacher, student, output_dir=str(tmp_path / "x"), **FAST).fit(str(tmp_path / "nope.csv"))
