@@ -224,6 +224,9 @@ def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pre
         data_dir = make_shapes(root / (DATA_VERSION + suffix), sizes.n_train, sizes.n_test, sizes.image_size, seed)
         teacher_dir = train_demo_teacher(data_dir, root / (TEACHER_VERSION + suffix), sizes, seed, progress)
         t = load_teacher(str(teacher_dir))
+        import torch
+
+        torch.manual_seed(seed)  # the same student init whether or not the teacher was cached
         s = create_student(student, embed_dim=t.embed_dim, image_size=sizes.image_size) if student \
             else demo_student(t.embed_dim, sizes.image_size)
         options = dict(lr=3e-3, warmup_steps=30, crop_scale=(0.8, 1.0), loss_weights={"cosine": 1.0, "contrastive": 1.0})
