@@ -239,7 +239,7 @@ def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pre
         data_dir = _split_user_data(Path(data), work / "data", seed)
         train_file = data_dir / "train.csv"
         options = dict(lr=1e-3, warmup_steps=100)
-    result = Distiller(t, s, output_dir=str(work / "student"), max_steps=max_steps or sizes.student_steps,
+    result = Distiller(t, s, output_dir=str(work / "distill"), max_steps=max_steps or sizes.student_steps,
                        batch_size=sizes.batch_size, seed=seed, progress=progress, num_workers=1,
                        **options).fit(str(train_file))
     results = evaluate_pair(t, result.student, data_dir, _classes(data_dir))

@@ -80,19 +80,18 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
 
 
 class TrainLoop:
-    """Runs ``max_steps`` optimiser steps of ``compute_loss(batch) -> (loss, terms)`` over ``modules``."""
+    """Runs ``max_steps`` optimiser steps of ``modules(batch) -> (loss, terms)``: the module's forward
+    is the loss, so accelerate's DDP wrapper sees the whole step."""
 
     def __init__(
         self,
         recipe: Recipe,
         modules: nn.Module,
-        compute_loss: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, float]]],
         make_loader: Callable[[int, int, int], Iterator],
         images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
     ):
         self.cfg = recipe
         self.modules = modules
-        self.compute_loss = compute_loss
         self.make_loader = make_loader
         self.images_per_batch = images_per_batch
         self.output_dir = Path(recipe.train.output_dir)
@@ -139,7 +138,7 @@ class TrainLoop:
                 consumed += n_batches
                 seen += self.images_per_batch(batch)
                 with acc.accumulate(model), acc.autocast():
-                    loss, terms = self.compute_loss(batch)
+                    loss, terms = model(batch)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. "
@@ -316,30 +315,11 @@ class Distiller:
                 tokenizers["student"] = student.tokenize
         dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed)
         collate = make_collate(tokenizers)
-        loss_fn = DistillLoss(r.loss.weights, r.loss.kwargs)
-        modules = nn.ModuleDict({"student": student, "loss": loss_fn})
-        teacher_ref = [teacher]  # kept out of ``modules``: never trained, never checkpointed
-
-        def compute_loss(batch):
-            t = teacher_ref[0]
-            dev = loop.device
-            if t.device != dev:
-                t.to(dev)
-            pix = {k: v.to(dev, non_blocking=True) for k, v in batch.get("views", {}).items()}
-            e = Embeddings()
-            if "teacher" in pix:
-                e.t_img = t.encode_image(pix["teacher"])
-            if "teacher" in batch["tokens"]:
-                e.t_txt = t.encode_text(batch["tokens"]["teacher"])
-            if "student" in pix:
-                e.s_img = student.image_features(pix["student"])
-            if "student" in batch["tokens"]:
-                e.s_txt = student.text_features(batch["tokens"]["student"])
-            return loss_fn(e)
+        step_module = DistillStep(teacher, student, DistillLoss(r.loss.weights, r.loss.kwargs))
 
         pin = torch.cuda.is_available() and not r.train.cpu
         workers = r.data.num_workers if use_images else 0
-        loop = TrainLoop(r, modules, compute_loss,
+        loop = TrainLoop(r, step_module,
                          make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin))
         history, steps = loop.run()
         student.teacher_identity = teacher.identity
@@ -348,6 +328,37 @@ class Distiller:
         if loop.is_main:
             student.cpu().eval().save(student_dir)
         return FitResult(out, history, student, student_dir, steps, {"samples_per_s": loop.samples_per_s})
+
+
+class DistillStep(nn.Module):
+    """Student + losses as one module whose forward is the loss, so that a DDP-wrapped copy
+    synchronises gradients; the frozen teacher is held outside the module's parameters."""
+
+    def __init__(self, teacher, student, loss: DistillLoss):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self._teacher = [teacher]  # a list: not registered, never trained or checkpointed
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        t, dev = self._teacher[0], self.loss_device
+        if t.device != dev:
+            t.to(dev)
+        pix = {k: v.to(dev, non_blocking=True) for k, v in batch.get("views", {}).items()}
+        e = Embeddings()
+        if "teacher" in pix:
+            e.t_img = t.encode_image(pix["teacher"])
+        if "teacher" in batch["tokens"]:
+            e.t_txt = t.encode_text(batch["tokens"]["teacher"])
+        if "student" in pix:
+            e.s_img = self.student.image_features(pix["student"])
+        if "student" in batch["tokens"]:
+            e.s_txt = self.student.text_features(batch["tokens"]["student"])
+        return self.loss(e)
+
+    @property
+    def loss_device(self) -> torch.device:
+        return next(self.student.parameters()).device
 
 
 def _check_image_size(student, image_size: int | None) -> None:

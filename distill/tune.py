@@ -24,6 +24,29 @@ class _Temperature(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init)))
 
 
+class TuneStep(nn.Module):
+    """Two-tower model + temperature; forward is the CLIP loss (one module for DDP)."""
+
+    def __init__(self, model, temperature: _Temperature, lock: str):
+        super().__init__()
+        self.model = model
+        self.loss = temperature
+        self.lock = lock
+
+    def forward(self, batch):
+        model, lock = self.model, self.lock
+        frozen = {"text": model.text, "image": model.image}.get(lock)
+        if frozen is not None:
+            frozen.eval()  # no dropout / statistics updates in the locked tower
+        pix = batch["views"]["model"].to(self.loss.logit_scale.device, non_blocking=True)
+        with torch.set_grad_enabled(lock != "image"):
+            img = model.image_features(pix)
+        with torch.set_grad_enabled(lock != "text"):
+            txt = model.text_features(batch["tokens"]["model"])
+        loss = clip_loss(img, txt, self.loss.logit_scale)
+        return loss, {"clip": float(loss.detach()), "temperature": float(1 / self.loss.logit_scale.detach().exp())}
+
+
 class Tuner:
     """Train a two-tower Student contrastively on image-caption pairs.
 
@@ -50,22 +73,10 @@ class Tuner:
             frozen.requires_grad_(False)
         dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed)
         collate = make_collate({"model": model.tokenize})
-        temp = _Temperature(r.tune.init_temperature)
-        modules = nn.ModuleDict({"model": model, "loss": temp})
-
-        def compute_loss(batch):
-            if frozen is not None:
-                frozen.eval()  # no dropout / statistics updates in the locked tower
-            pix = batch["views"]["model"].to(loop.device, non_blocking=True)
-            with torch.set_grad_enabled(lock != "image"):
-                img = model.image_features(pix)
-            with torch.set_grad_enabled(lock != "text"):
-                txt = model.text_features(batch["tokens"]["model"])
-            loss = clip_loss(img, txt, temp.logit_scale)
-            return loss, {"clip": float(loss.detach()), "temperature": float(1 / temp.logit_scale.detach().exp())}
+        step_module = TuneStep(model, _Temperature(r.tune.init_temperature), lock)
 
         pin = torch.cuda.is_available() and not r.train.cpu
-        loop = TrainLoop(r, modules, compute_loss,
+        loop = TrainLoop(r, step_module,
                          make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, r.data.num_workers, pin))
         history, steps = loop.run()
         model_dir = Path(r.train.output_dir) / "model"

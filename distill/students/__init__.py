@@ -58,7 +58,6 @@ def create_student(
     towers = []
     for part in parts:
         opts = dict(kwargs) if len(parts) == 1 else {}
-        tower_kwargs = None
         is_text = part.startswith("hf:") or (part in STUDENTS and STUDENTS.meta(part).get("modality") == "text")
         tower_kwargs = text_kwargs if is_text else image_kwargs
         opts.update(tower_kwargs or {})
