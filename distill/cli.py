@@ -14,6 +14,7 @@ commands:
   fit      distil a student from a recipe YAML (recipes/*.yaml), with key=value overrides
   tune     contrastively tune a two-tower model (a teacher) from a recipe
   export   write a trained student as weights-only safetensors + config.json
+  cache    build / inspect / verify a teacher embedding cache (run the teacher once, train many times)
   list     show the registered teachers, students and losses
 """
 
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                        "distill fit recipes/vit_tiny_from_vit_b32.yaml train.lr=1e-4 data.train=my.csv")
     f.add_argument("recipe", help="recipe YAML (only the fields that differ from the defaults)")
     f.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
+    f.add_argument("--allow-stale", action="store_true", help="use a cache built with another teacher/preprocessing")
 
     t = sub.add_parser("tune", help="contrastively tune a two-tower model from a recipe",
                        description="CLIP loss with a learnable temperature; tune.lock=text|image|none. The student "
@@ -62,8 +64,68 @@ def _parser() -> argparse.ArgumentParser:
                    help="safetensors (ONNX formats come with the export issue)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
 
+    c = sub.add_parser("cache", help="teacher embedding cache: build, info, verify",
+                       description="Runs the frozen teacher once over the data and keeps image (K views each) and "
+                       "text embeddings in memory-mapped shards. A killed build resumes where it stopped; a build "
+                       "over grown data encodes only the new rows. Train from it with `distill fit ... cache.dir=DIR`.")
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION")
+    cb = csub.add_parser("build", help="encode what the cache lacks")
+    cb.add_argument("--teacher", required=True, help="preset, openclip:<arch>, hf:<id|dir> or a saved folder")
+    cb.add_argument("--pretrained", help="open_clip pretrained tag or weights file")
+    cb.add_argument("--data", required=True, help="csv/tsv/json/jsonl of image,caption or a folder")
+    cb.add_argument("--out", required=True, help="cache folder")
+    cb.add_argument("--views", type=int, default=1, help="views per image: 0 = eval transform, the rest random crops")
+    cb.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    cb.add_argument("--batch-size", type=int, default=256)
+    cb.add_argument("--workers", type=int, default=4)
+    cb.add_argument("--shard-size", type=int, default=4096)
+    cb.add_argument("--seed", type=int, default=0, help="seed of the random views")
+    ci = csub.add_parser("info", help="print the manifest summary")
+    ci.add_argument("dir")
+    cv = csub.add_parser("verify", help="check shards against the manifest (and re-encode samples with --teacher)")
+    cv.add_argument("dir")
+    cv.add_argument("--teacher", help="re-encode a sample with this teacher and compare")
+    cv.add_argument("--pretrained")
+    cv.add_argument("--data", help="the data the cache was built from (with --teacher)")
+    cv.add_argument("--sample", type=int, default=32)
+    cv.add_argument("--allow-stale", action="store_true", help="skip the teacher identity check")
+
     sub.add_parser("list", help="registered teachers, students and losses")
     return p
+
+
+def cmd_cache(args) -> int:
+    from .cache import EmbeddingCache, TeacherService
+
+    if args.cache_command == "build":
+        from .teachers import load_teacher
+
+        teacher = load_teacher(args.teacher, pretrained=args.pretrained)
+        service = TeacherService(teacher, args.out, dtype=args.dtype, shard_size=args.shard_size,
+                                 batch_size=args.batch_size, num_workers=args.workers)
+        print(service.build(args.data, views=args.views, seed=args.seed).line())
+        return 0
+    cache = EmbeddingCache.open(args.dir)
+    if args.cache_command == "info":
+        print(cache.info())
+        return 0
+    if args.cache_command == "verify":
+        teacher = rows = None
+        if args.teacher:
+            from .data import load_rows
+            from .teachers import load_teacher
+
+            if not args.data:
+                raise ValueError("--teacher needs --data to re-encode samples")
+            teacher, rows = load_teacher(args.teacher, pretrained=args.pretrained), load_rows(args.data)
+            cache.check(teacher, allow_stale=args.allow_stale)
+        problems = cache.verify(teacher, args.sample, rows)
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    print("usage: distill cache {build,info,verify} ...", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args) -> int:
@@ -84,7 +146,7 @@ def cmd_fit(args) -> int:
     from .config import load_recipe
     from .trainer import Distiller
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + (["cache.allow_stale=true"] if args.allow_stale else []))
     result = Distiller(recipe=recipe).fit()
     print(f"final loss {result.history['loss'][-1]:.4f} after {result.steps} steps; student: {result.model_dir}")
     return 0
@@ -142,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import RecipeError
 
     try:
-        return {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "list": cmd_list}[args.command](args)
+        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache,
+                    "list": cmd_list}
+        return commands[args.command](args)
     except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2

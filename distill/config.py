@@ -46,6 +46,14 @@ class DataCfg:
 
 
 @dataclass
+class CacheCfg:
+    dir: Optional[str] = None  # teacher embedding cache (distill cache build); None = run the teacher online
+    allow_stale: bool = False  # use a cache built with another teacher identity / preprocessing anyway
+    views: int = 1  # views per image when the cache is built (or extended) by the run itself
+    dtype: str = "fp16"  # fp16 | fp32 storage of cache rows built by the run itself
+
+
+@dataclass
 class LossCfg:
     weights: dict[str, float] = field(default_factory=lambda: {"cosine": 1.0, "contrastive": 1.0})
     kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-loss options, e.g. {affinity: {tau: 0.1}}
@@ -88,6 +96,7 @@ class Recipe:
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     student: StudentCfg = field(default_factory=StudentCfg)
     data: DataCfg = field(default_factory=DataCfg)
+    cache: CacheCfg = field(default_factory=CacheCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -99,8 +108,9 @@ class Recipe:
 
 # Flat Distiller/Tuner options -> dotted recipe paths. Field names that are unique
 # across the training sections map to themselves; a few aliases read better.
-_ALIASES = {"loss_weights": "loss.weights", "loss_kwargs": "loss.kwargs", "data": "data.train"}
-_FLAT_SECTIONS = ("data", "loss", "optim", "train", "tune")
+_ALIASES = {"loss_weights": "loss.weights", "loss_kwargs": "loss.kwargs", "data": "data.train",
+            "cache": "cache.dir", "cache_views": "cache.views", "cache_dtype": "cache.dtype"}
+_FLAT_SECTIONS = ("data", "cache", "loss", "optim", "train", "tune")
 
 
 def flat_options() -> dict[str, str]:

@@ -253,12 +253,14 @@ class Distiller:
     """Distil a frozen teacher into a student.
 
     Args:
-        teacher: a Teacher, or a name for :func:`distill.load_teacher`.
+        teacher: a Teacher, a name for :func:`distill.load_teacher`, a ``TeacherService`` (its cache is
+            used, and extended with rows it lacks), or None with ``cache=DIR`` (training reads the cache only).
         student: a Student, or a name for :func:`distill.create_student` (projected to the
             teacher's ``embed_dim``).
         recipe: a Recipe (``distill.config.load_recipe``); options override it.
         **options: recipe fields by name: ``output_dir``, ``batch_size``, ``max_steps``, ``lr``,
-            ``image_size``, ``seed``, ``loss_weights``, ``grad_accum``, ``precision``, ``resume``, ...
+            ``image_size``, ``seed``, ``loss_weights``, ``grad_accum``, ``precision``, ``resume``,
+            ``cache`` (an embedding cache folder), ``allow_stale``, ...
 
     Example:
         >>> result = Distiller(teacher, student, max_steps=500, output_dir="runs/x").fit("data.csv")
@@ -270,25 +272,75 @@ class Distiller:
         self._teacher, self._student = teacher, student
 
     def build(self):
-        """Resolve teacher and student (loading/creating them by name from the recipe if needed)."""
+        """Resolve teacher, student and cache (loading/creating them by name from the recipe if needed).
+
+        With a complete cache and no teacher object the teacher is not loaded at all: training reads
+        the cache. A teacher that is given is checked against the cache's manifest."""
+        from .cache import EmbeddingCache, TeacherService
         from .students import create_student
-        from .teachers import load_teacher
 
         r = self.recipe
-        teacher = self._teacher if self._teacher is not None else r.teacher.name
+        teacher, self._service = self._teacher, None
+        if isinstance(teacher, TeacherService):
+            self._service, teacher = teacher, teacher.teacher
+        self.cache_dir = r.cache.dir or (str(self._service.dir) if self._service else None)
+        cache = None
+        if self.cache_dir and (Path(self.cache_dir) / "manifest.json").exists():
+            cache = EmbeddingCache.open(self.cache_dir)
+        if teacher is None and cache is None:
+            teacher = r.teacher.name
         if isinstance(teacher, str):
-            teacher = load_teacher(teacher, pretrained=r.teacher.pretrained, **r.teacher.kwargs)
+            teacher = self._load_teacher(teacher)
+        if cache is not None:
+            cache.check(teacher, allow_stale=r.cache.allow_stale)
+        embed_dim = teacher.embed_dim if teacher is not None else cache.embed_dim
         student = self._student if self._student is not None else r.student.name
         if isinstance(student, str):
             kwargs = dict(r.student.kwargs)
             if r.data.image_size is not None and "+" not in student:
                 kwargs.setdefault("image_size", r.data.image_size)
-            student = create_student(student, embed_dim=teacher.embed_dim, **kwargs)
-        if student.embed_dim != teacher.embed_dim:
-            raise ValueError(f"student embed_dim {student.embed_dim} != teacher embed_dim {teacher.embed_dim}")
+            student = create_student(student, embed_dim=embed_dim, **kwargs)
+        if student.embed_dim != embed_dim:
+            raise ValueError(f"student embed_dim {student.embed_dim} != teacher embed_dim {embed_dim}")
         _check_image_size(student, r.data.image_size)
         self._teacher, self._student = teacher, student
         return teacher, student
+
+    def _load_teacher(self, name: str):
+        from .teachers import load_teacher
+
+        r = self.recipe
+        return load_teacher(name, pretrained=r.teacher.pretrained, **r.teacher.kwargs)
+
+    def _prepare_cache(self, rows: Rows, teacher):
+        """Open the cache, encode the rows it lacks when a teacher is at hand ("cache-through"),
+        and return (cache, rows, image keys, text keys) for the rows it holds."""
+        from .cache import EmbeddingCache, TeacherService, row_keys
+
+        r, path = self.recipe, Path(self.cache_dir)
+        cache = EmbeddingCache.open(path) if (path / "manifest.json").exists() else None
+        missing = row_keys(rows, cache)[2] if cache is not None else list(range(len(rows)))
+        if missing:
+            if teacher is None:
+                teacher = self._load_teacher(self.recipe.teacher.name)
+                if cache is not None:
+                    cache.check(teacher, allow_stale=r.cache.allow_stale)
+            policy = cache.manifest["view_policy"] if cache is not None else {
+                "views": r.cache.views, "seed": r.train.seed, "scale": [0.35, 1.0], "ratio": [3 / 4, 4 / 3]}
+            service = self._service or TeacherService(
+                teacher, path, dtype=cache.manifest["dtype"] if cache else r.cache.dtype,
+                num_workers=r.data.num_workers, progress=r.train.progress)
+            service.build(rows.subset(missing), views=policy["views"], seed=policy["seed"],
+                          scale=policy["scale"], ratio=policy["ratio"])
+            cache = EmbeddingCache.open(path)
+        image_keys, text_keys, missing = row_keys(rows, cache)
+        if missing:  # unreadable images / empty captions the build skipped (skipped.jsonl says why)
+            log.warning("%d of %d rows have no cached teacher embedding and are left out (see %s)",
+                        len(missing), len(rows), path / "skipped.jsonl")
+            keep = sorted(set(range(len(rows))) - set(missing))
+            rows = rows.subset(keep)
+            image_keys, text_keys = [image_keys[i] for i in keep], [text_keys[i] for i in keep]
+        return cache, rows, image_keys, text_keys
 
     def fit(self, data: Any = None) -> FitResult:
         """Train; ``data``: a file/folder path or Rows (default: the recipe's ``data.train``)."""
@@ -298,11 +350,32 @@ class Distiller:
         if not source:
             raise ValueError("no training data: pass fit(data) or set data.train")
         rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
-        use_images = rows.has_images and (student.image is not None or teacher.has_image)
         if student.image is not None and not rows.has_images:
             raise ValueError(f"{rows.source}: the student has an image tower but the data has no images")
         if student.image is None and not rows.has_text:
             raise ValueError(f"{rows.source}: the student is text-only but the data has no captions")
+        if self.cache_dir:
+            dataset, collate, identity = self._cached_data(rows, teacher, student)
+            teacher = None  # training reads the cache; the teacher is not needed (nor kept on the GPU)
+        else:
+            dataset, collate = self._online_data(rows, teacher, student)
+            identity = teacher.identity
+        step_module = DistillStep(teacher, student, DistillLoss(r.loss.weights, r.loss.kwargs))
+        pin = torch.cuda.is_available() and not r.train.cpu
+        workers = r.data.num_workers if rows.has_images else 0
+        loop = TrainLoop(r, step_module,
+                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin))
+        history, steps = loop.run()
+        student.teacher_identity = identity
+        out = Path(r.train.output_dir)
+        student_dir = out / "student"
+        if loop.is_main:
+            student.cpu().eval().save(student_dir)
+        return FitResult(out, history, student, student_dir, steps, {"samples_per_s": loop.samples_per_s})
+
+    def _online_data(self, rows: Rows, teacher, student):
+        r = self.recipe
+        use_images = rows.has_images and (student.image is not None or teacher.has_image)
         views = {}
         if use_images and student.image is not None:
             views["student"] = student.preprocess
@@ -314,20 +387,18 @@ class Distiller:
             if student.text is not None:
                 tokenizers["student"] = student.tokenize
         dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed)
-        collate = make_collate(tokenizers)
-        step_module = DistillStep(teacher, student, DistillLoss(r.loss.weights, r.loss.kwargs))
+        return dataset, make_collate(tokenizers)
 
-        pin = torch.cuda.is_available() and not r.train.cpu
-        workers = r.data.num_workers if use_images else 0
-        loop = TrainLoop(r, step_module,
-                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin))
-        history, steps = loop.run()
-        student.teacher_identity = teacher.identity
-        out = Path(r.train.output_dir)
-        student_dir = out / "student"
-        if loop.is_main:
-            student.cpu().eval().save(student_dir)
-        return FitResult(out, history, student, student_dir, steps, {"samples_per_s": loop.samples_per_s})
+    def _cached_data(self, rows: Rows, teacher, student):
+        from .cache import CachedPairDataset, cached_collate
+
+        r = self.recipe
+        cache, rows, image_keys, text_keys = self._prepare_cache(rows, teacher)
+        dataset = CachedPairDataset(rows, image_keys, text_keys, cache,
+                                    student.preprocess if student.image is not None else None,
+                                    r.data.augment, r.train.seed)
+        tokenizers = {"student": student.tokenize} if student.text is not None and rows.has_text else {}
+        return dataset, cached_collate(cache, make_collate(tokenizers)), cache.manifest["teacher"]
 
 
 class DistillStep(nn.Module):
@@ -341,15 +412,20 @@ class DistillStep(nn.Module):
         self._teacher = [teacher]  # a list: not registered, never trained or checkpointed
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        t, dev = self._teacher[0], self.loss_device
-        if t.device != dev:
-            t.to(dev)
+        dev = self.loss_device
         pix = {k: v.to(dev, non_blocking=True) for k, v in batch.get("views", {}).items()}
         e = Embeddings()
-        if "teacher" in pix:
-            e.t_img = t.encode_image(pix["teacher"])
-        if "teacher" in batch["tokens"]:
-            e.t_txt = t.encode_text(batch["tokens"]["teacher"])
+        if "teacher_emb" in batch:  # read from the cache
+            cached = {k: v.to(dev, non_blocking=True) for k, v in batch["teacher_emb"].items()}
+            e.t_img, e.t_txt = cached.get("image"), cached.get("text")
+        else:
+            t = self._teacher[0]
+            if t.device != dev:
+                t.to(dev)
+            if "teacher" in pix:
+                e.t_img = t.encode_image(pix["teacher"])
+            if "teacher" in batch["tokens"]:
+                e.t_txt = t.encode_text(batch["tokens"]["teacher"])
         if "student" in pix:
             e.s_img = self.student.image_features(pix["student"])
         if "student" in batch["tokens"]:
