@@ -108,7 +108,15 @@ class _ViewDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    return items
+    """Stack in the worker: one tensor per batch crosses to the main process, not one per image."""
+    ok = [it for it in items if "error" not in it]
+    return {
+        "index": [it["i"] for it in items],
+        "ok": [it["i"] for it in ok],
+        "errors": {it["i"]: it["error"] for it in items if "error" in it},
+        "pixels": torch.cat([it["pixels"] for it in ok]) if ok else None,  # [n_ok * K, 3, S, S]
+        "views": np.stack([it["views"] for it in ok]) if ok else None,
+    }
 
 
 @dataclass
@@ -238,20 +246,17 @@ class TeacherService:
         emb, vws, ids, skipped, encoded = [], [], [], [], 0
         shard_end = min(self.shard_size, len(pending))
         for batch in loader:
-            for it in batch:
-                if "error" in it:
-                    p, k = pending[it["i"]]
-                    skipped.append({"id": k, "image": p, "reason": it["error"]})
-            ok = [it for it in batch if "error" not in it]
-            if ok:
-                pixels = torch.cat([it["pixels"] for it in ok])  # [b*K, 3, S, S]
-                z = self._encode_images(pixels).view(len(ok), policy["views"], -1)
+            for i, error in batch["errors"].items():
+                p, k = pending[i]
+                skipped.append({"id": k, "image": p, "reason": error})
+            if batch["ok"]:
+                z = self._encode_images(batch["pixels"]).view(len(batch["ok"]), policy["views"], -1)
                 emb.append(z.numpy().astype(dtype))
-                vws.extend(it["views"] for it in ok)
-                ids.extend(pending[it["i"]][1] for it in ok)
-                encoded += len(ok)
-            bar.update(len(batch) * policy["views"])
-            if batch[-1]["i"] + 1 == shard_end:
+                vws.extend(batch["views"])
+                ids.extend(pending[i][1] for i in batch["ok"])
+                encoded += len(batch["ok"])
+            bar.update(len(batch["index"]) * policy["views"])
+            if batch["index"][-1] + 1 == shard_end:
                 self._write_image_shard(next_shard, emb, vws, ids, skipped, policy)
                 if on_shard:
                     on_shard("images", next_shard)

@@ -94,7 +94,8 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling 
 
 def apply_view(image, view: View, cfg: PreprocessCfg) -> torch.Tensor:
     """Crop ``view`` out of a PIL image, resize to ``cfg.image_size``, flip, normalise -> [3, S, S]."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     W, H = image.size
     box = (view.x0 * W, view.y0 * H, (view.x0 + view.w) * W, (view.y0 + view.h) * H)
     size = cfg.image_size
