@@ -32,7 +32,7 @@ import torch
 
 from .data import Rows, as_rows, open_image
 from .io import atomic_write_bytes, read_json, write_json
-from .transforms import PreprocessCfg, View, apply_view, eval_view, random_view
+from .transforms import PreprocessCfg, View, apply_view, crop_resize, eval_view, normalize, random_view
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ class _ViewDataset(torch.utils.data.Dataset):
         except Exception as e:  # missing, truncated or not an image: reported, never fatal
             return {"i": i, "error": f"{type(e).__name__}: {e}"}
         views = [view_for(self.keys[i], v, *image.size, self.policy) for v in range(self.policy["views"])]
-        pixels = torch.stack([apply_view(image, v, self.pre) for v in views])
-        return {"i": i, "pixels": pixels, "views": np.stack([v.as_array() for v in views])}
+        crops = np.stack([crop_resize(image, v, self.pre.image_size, self.pre.interpolation) for v in views])
+        # uint8 crosses to the main process (4x less than float); normalised on the teacher's device
+        return {"i": i, "pixels": torch.from_numpy(crops).permute(0, 3, 1, 2), "views": np.stack([v.as_array() for v in views])}
 
 
 def _collate(items):
@@ -268,7 +269,7 @@ class TeacherService:
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, non_blocking=True)
+        pixels = normalize(pixels.to(self.device, non_blocking=True), self.teacher.preprocess)
         with _autocast(self.device, self.amp):
             return self.teacher.encode_image(pixels).float().cpu()
 

@@ -92,22 +92,33 @@ def random_view(
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
 
 
-def apply_view(image, view: View, cfg: PreprocessCfg) -> torch.Tensor:
-    """Crop ``view`` out of a PIL image, resize to ``cfg.image_size``, flip, normalise -> [3, S, S]."""
+def crop_resize(image, view: View, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Crop ``view`` out of a PIL image, resize to ``size`` x ``size`` and flip -> uint8 [S, S, 3]."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     W, H = image.size
     box = (view.x0 * W, view.y0 * H, (view.x0 + view.w) * W, (view.y0 + view.h) * H)
-    size = cfg.image_size
-    out = image.resize((size, size), resample=_RESAMPLE[cfg.interpolation], box=box)
+    out = image.resize((size, size), resample=_RESAMPLE[interpolation], box=box)
     if view.flip:
         out = out.transpose(0)  # FLIP_LEFT_RIGHT
-    return to_tensor(np.asarray(out), cfg)
+    return np.array(out, copy=True)
+
+
+def apply_view(image, view: View, cfg: PreprocessCfg) -> torch.Tensor:
+    """Crop ``view`` out of a PIL image, resize to ``cfg.image_size``, flip, normalise -> [3, S, S]."""
+    return to_tensor(crop_resize(image, view, cfg.image_size, cfg.interpolation), cfg)
+
+
+def normalize(pixels: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
+    """uint8 [N, 3, S, S] (on any device) -> normalised float, as ``to_tensor`` does per image."""
+    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float().div_(255.0) - mean) / std
 
 
 def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> torch.Tensor:
     """uint8 HWC array -> normalised float CHW tensor."""
-    x = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
     return (x - mean) / std
