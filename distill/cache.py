@@ -128,7 +128,8 @@ class BuildSummary:
     texts_cached: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    images_per_s: float = 0.0
+    image_seconds: float = 0.0  # the image pass alone (decode + teacher), without captions
+    images_per_s: float = 0.0  # views encoded per second of the image pass
 
     def line(self) -> str:
         return (f"cache: encoded {self.images_encoded} images ({self.images_per_s:,.0f} views/s) and "
@@ -179,25 +180,43 @@ class TeacherService:
     def build(self, data: Any, views: int = 1, seed: int = 0, scale: Sequence[float] = (0.35, 1.0),
               ratio: Sequence[float] = (3 / 4, 4 / 3), on_shard: Callable[[str, int], None] | None = None,
               **row_kwargs: Any) -> BuildSummary:
-        """Encode every image (``views`` views each) and caption of ``data`` that the cache lacks."""
+        """Encode every image (``views`` views each) and caption of ``data`` that the cache lacks.
+
+        Under ``accelerate launch`` every process plans the same shards, encodes every n-th one on its
+        own GPU, and the main process writes the manifest once all are done."""
         tic = time.perf_counter()
+        rank, world, barrier, device = _process()
+        if device is not None and self.device.type == "cuda":
+            self.device = device
         rows = as_rows(data, **row_kwargs)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
-            tmp.unlink(missing_ok=True)
-        manifest = self._start_manifest(views, seed, scale, ratio)
+        if rank == 0:  # before the other processes write anything
+            for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
+                tmp.unlink(missing_ok=True)
+            manifest = self._start_manifest(views, seed, scale, ratio)
+        barrier()
+        if rank != 0:
+            manifest = self._start_manifest(views, seed, scale, ratio)  # checks and reads it
         summary = BuildSummary()
         self.teacher.to(self.device)
-        if self.teacher.has_image and rows.has_images:
-            summary.images_encoded = self._build_images(rows, manifest, on_shard)
-        if self.teacher.has_text:
-            summary.texts_encoded = self._build_texts(rows, manifest, on_shard)
-        manifest = self._finish_manifest(manifest, rows)
+        image_plan = self.plan_images(rows) if self.teacher.has_image and rows.has_images else None
+        text_plan = self.plan_texts(rows) if self.teacher.has_text else None
+        barrier()  # every process has planned before any shard is written
+        if image_plan is not None:
+            t0 = time.perf_counter()
+            summary.images_encoded = self.encode_images(image_plan, manifest, on_shard, rank, world)
+            summary.image_seconds = time.perf_counter() - t0
+        if text_plan is not None:
+            summary.texts_encoded = self.encode_texts(text_plan, on_shard, rank, world)
+        barrier()
+        if rank != 0:
+            return summary
+        manifest = self.finish_manifest(manifest, rows)
         summary.images_cached = manifest["counts"]["images"]
         summary.texts_cached = manifest["counts"]["texts"]
         summary.skipped = manifest["counts"]["skipped"]
         summary.seconds = time.perf_counter() - tic
-        summary.images_per_s = summary.images_encoded * views / max(summary.seconds, 1e-9)
+        summary.images_per_s = summary.images_encoded * views / max(summary.image_seconds, 1e-9)
         log.info(summary.line())
         return summary
 
@@ -226,26 +245,35 @@ class TeacherService:
             n = max(n, int(meta.stem.split("_")[1]) + 1)
         return seen, n
 
-    def _build_images(self, rows: Rows, manifest: dict[str, Any], on_shard) -> int:
+    def plan_images(self, rows: Rows) -> tuple[list[tuple[str, str]], list[tuple[int, int, int]]]:
+        """Images the cache lacks, cut into numbered shards (number, start, end) before anything runs:
+        the same cut on every process and after every restart, which makes resumed and split builds
+        identical to a plain one."""
         root = data_root(rows)
         paths = list(dict.fromkeys(p for p in rows.images if p))  # unique, first-seen order
         keys = [image_id(p, root) for p in paths]
-        done, next_shard = self._done("images")
+        done, first_shard = self._done("images")
         pending = [(p, k) for p, k in zip(paths, keys) if k not in done]
-        if not pending:
+        shards = [(first_shard + j, s0, min(s0 + self.shard_size, len(pending)))
+                  for j, s0 in enumerate(range(0, len(pending), self.shard_size))]
+        return pending, shards
+
+    def encode_images(self, plan, manifest: dict[str, Any], on_shard=None, rank: int = 0, world: int = 1) -> int:
+        """Encode and write this process's share (every ``world``-th shard) of an image plan."""
+        pending, shards = plan[0], plan[1][rank::world]
+        if not shards:
             return 0
         policy = manifest["view_policy"]
         ds = _ViewDataset([p for p, _ in pending], [k for _, k in pending], self.teacher.preprocess, policy)
-        batches = [list(range(s, min(s + self.batch_size, e)))
-                   for s0 in range(0, len(pending), self.shard_size)
-                   for e in [min(s0 + self.shard_size, len(pending))]
-                   for s in range(s0, e, self.batch_size)]  # batches never cross a shard boundary
+        batches = [list(range(b, min(b + self.batch_size, e))) for _, s0, e in shards
+                   for b in range(s0, e, self.batch_size)]  # batches never cross a shard boundary
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=_collate,
                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        bar = _bar(len(pending) * policy["views"], "cache images", self.progress, unit="view")
+        bar = _bar(sum(e - s0 for _, s0, e in shards) * policy["views"], "cache images", self.progress, unit="view")
         dtype = DTYPES[self.dtype]
         emb, vws, ids, skipped, encoded = [], [], [], [], 0
-        shard_end = min(self.shard_size, len(pending))
+        current = iter(shards)
+        shard_no, _, shard_end = next(current)
         for batch in loader:
             for i, error in batch["errors"].items():
                 p, k = pending[i]
@@ -258,12 +286,11 @@ class TeacherService:
                 encoded += len(batch["ok"])
             bar.update(len(batch["index"]) * policy["views"])
             if batch["index"][-1] + 1 == shard_end:
-                self._write_image_shard(next_shard, emb, vws, ids, skipped, policy)
+                self._write_image_shard(shard_no, emb, vws, ids, skipped, policy)
                 if on_shard:
-                    on_shard("images", next_shard)
-                next_shard += 1
+                    on_shard("images", shard_no)
                 emb, vws, ids, skipped = [], [], [], []
-                shard_end = min(shard_end + self.shard_size, len(pending))
+                shard_no, _, shard_end = next(current, (None, None, None))
         bar.close()
         return encoded
 
@@ -283,13 +310,19 @@ class TeacherService:
         _np_save(base.parent / f"{base.name}.views.npy", views)
         write_json(base.with_suffix(".json"), {"rows": len(ids), "ids": ids, "skipped": skipped})
 
-    def _build_texts(self, rows: Rows, manifest: dict[str, Any], on_shard) -> int:
+    def plan_texts(self, rows: Rows) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
+        """Captions the cache lacks, cut into numbered shards (number, start)."""
         captions = list(dict.fromkeys(c for c in rows.captions if c is not None))
-        done, next_shard = self._done("texts")
+        done, first_shard = self._done("texts")
         pending = [(c, text_id(c)) for c in captions if text_id(c) not in done]
+        return pending, [(first_shard + j, s0) for j, s0 in enumerate(range(0, len(pending), self.shard_size))]
+
+    def encode_texts(self, plan, on_shard=None, rank: int = 0, world: int = 1) -> int:
+        pending, shards = plan[0], plan[1][rank::world]
         encoded = 0
-        bar = _bar(len(pending), "cache texts", self.progress, unit="caption")
-        for s0 in range(0, len(pending), self.shard_size):
+        bar = _bar(sum(len(pending[s0:s0 + self.shard_size]) for _, s0 in shards), "cache texts", self.progress,
+                   unit="caption")
+        for next_shard, s0 in shards:
             chunk = pending[s0:s0 + self.shard_size]
             good = [(c, k) for c, k in chunk if c.strip()]
             skipped = [{"id": k, "caption": c, "reason": "empty caption"} for c, k in chunk if not c.strip()]
@@ -305,12 +338,11 @@ class TeacherService:
             write_json(base.with_suffix(".json"), {"rows": len(good), "ids": [k for _, k in good], "skipped": skipped})
             if on_shard:
                 on_shard("texts", next_shard)
-            next_shard += 1
             encoded += len(good)
         bar.close()
         return encoded
 
-    def _finish_manifest(self, manifest: dict[str, Any], rows: Rows) -> dict[str, Any]:
+    def finish_manifest(self, manifest: dict[str, Any], rows: Rows) -> dict[str, Any]:
         shards, counts, skipped = {}, {"images": 0, "texts": 0}, []
         for kind in ("images", "texts"):
             shards[kind] = []
@@ -327,6 +359,16 @@ class TeacherService:
                         fingerprint=hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20])
         write_json(self.dir / "manifest.json", manifest)
         return manifest
+
+
+def _process():
+    """(rank, world, barrier, device): from accelerate when launched distributed, else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.wait_for_everyone, state.device
+    return 0, 1, lambda: None, None
 
 
 def _default_device() -> torch.device:

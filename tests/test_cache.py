@@ -220,3 +220,24 @@ def test_cache_cli_build_info_verify(shapes, tmp_path, capsys):
     np.save(f, a)
     assert main(["cache", "verify", str(tmp_path / "c")]) == 1
     assert "non-finite" in capsys.readouterr().out
+
+
+def test_split_build_across_processes_equals_one_process(teacher, shapes, tmp_path):
+    """What `accelerate launch` does with 2 processes (plan on both, encode every 2nd shard each,
+    main process writes the manifest), run here one process after the other."""
+    data = str(shapes / "train.csv")
+    rows = load_rows(data)
+    svc = _service(teacher, tmp_path / "split")
+    manifest = svc._start_manifest(2, 0, (0.35, 1.0), (3 / 4, 4 / 3))
+    plans = svc.plan_images(rows), svc.plan_texts(rows)  # planned before any shard is written
+    for rank in (1, 0):
+        svc.encode_images(plans[0], manifest, rank=rank, world=2)
+        svc.encode_texts(plans[1], rank=rank, world=2)
+    svc.finish_manifest(manifest, rows)
+    _service(teacher, tmp_path / "one").build(data, views=2)
+    a, b = _arrays(tmp_path / "split"), _arrays(tmp_path / "one")
+    assert a.keys() == b.keys() and len([k for k in a if k.startswith("images/")]) == 15  # 5 shards x 3 files
+    for name in a:
+        assert (a[name].tobytes() == b[name].tobytes()) if isinstance(a[name], np.ndarray) else a[name] == b[name]
+    assert EmbeddingCache.open(tmp_path / "split").manifest["fingerprint"] == \
+        EmbeddingCache.open(tmp_path / "one").manifest["fingerprint"]
