@@ -461,19 +461,19 @@ class EmbeddingCache:
         return View.from_array(self._views[s][r, v])
 
     def image_embeddings(self, keys: Sequence[str], views: Sequence[int]) -> torch.Tensor:
-        out = np.empty((len(keys), self.embed_dim), np.float32)
-        loc = [self.image_index[k] for k in keys]
-        for s in {s for s, _ in loc}:
-            pos = [i for i, (si, _) in enumerate(loc) if si == s]
-            out[pos] = self._images[s][[loc[i][1] for i in pos], [views[i] for i in pos]]
-        return torch.from_numpy(out)
+        return self._gather(self._images, self.image_index, keys, views)
 
     def text_embeddings(self, keys: Sequence[str]) -> torch.Tensor:
+        return self._gather(self._texts, self.text_index, keys)
+
+    def _gather(self, arrays, index, keys, views=None) -> torch.Tensor:
+        """One fancy-indexed memmap read per shard touched by the batch."""
         out = np.empty((len(keys), self.embed_dim), np.float32)
-        loc = [self.text_index[k] for k in keys]
+        loc = [index[k] for k in keys]
         for s in {s for s, _ in loc}:
             pos = [i for i, (si, _) in enumerate(loc) if si == s]
-            out[pos] = self._texts[s][[loc[i][1] for i in pos]]
+            rows = [loc[i][1] for i in pos]
+            out[pos] = arrays[s][rows] if views is None else arrays[s][rows, [views[i] for i in pos]]
         return torch.from_numpy(out)
 
     def info(self) -> str:
