@@ -14,6 +14,7 @@ commands:
   fit      distil a student from a recipe YAML (recipes/*.yaml), with key=value overrides
   tune     contrastively tune a two-tower model (a teacher) from a recipe
   export   write a trained student as weights-only safetensors + config.json
+  eval     student vs teacher: zero-shot, retrieval, fidelity, cost, and a report with plots
   cache    build / inspect / verify a teacher embedding cache (run the teacher once, train many times)
   list     show the registered teachers, students and losses
 """
@@ -64,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="safetensors (ONNX formats come with the export issue)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
 
+    v = sub.add_parser("eval", help="evaluate a student against its teacher and write a report",
+                       description="Zero-shot top-1/top-5 on a class-folder set (or a CSV with a label column), "
+                       "retrieval R@1/5/10 both ways on a caption set, fidelity (mean cosine, top-10 neighbour "
+                       "overlap) and cost (params, MACs, latency, throughput), for teacher and student in one run. "
+                       "Writes report.md, results.json and PNG plots into --out (default: STUDENT/eval).")
+    v.add_argument("--student", required=True, help="student folder (or a run folder with student/)")
+    v.add_argument("--teacher", help="default: the teacher recorded in the student's config.json")
+    v.add_argument("--pretrained")
+    v.add_argument("--data", help="image,caption pairs for retrieval and fidelity")
+    v.add_argument("--classes", help="class-folder set or CSV with labels for zero-shot")
+    v.add_argument("--templates", default="imagenet", help="imagenet (80 CLIP prompts), simple, or a file")
+    v.add_argument("--limit", type=int, help="evaluate at most this many rows of each set")
+    v.add_argument("--out", help="report folder")
+    v.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
     c = sub.add_parser("cache", help="teacher embedding cache: build, info, verify",
                        description="Runs the frozen teacher once over the data and keeps image (K views each) and "
                        "text embeddings in memory-mapped shards. A killed build resumes where it stopped; a build "
@@ -92,6 +108,60 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="registered teachers, students and losses")
     return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
+    """(name, pretrained) that load_teacher takes, from a student's recorded teacher identity."""
+    if not identity:
+        raise ValueError("the student records no teacher: pass --teacher")
+    backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
+    if backend == "folder":
+        return name, None
+    if backend == "openclip":
+        return f"openclip:{name}", weights[4:] if weights.startswith("tag:") else None
+    return f"{backend}:{name}", None
+
+
+def cmd_eval(args) -> int:
+    from .data import load_rows
+    from .eval import evaluate_pair
+    from .report import format_table, write_report
+    from .students import load_student
+    from .teachers import load_teacher
+    from .templates import load_templates
+
+    src = Path(args.student)
+    if not (src / "config.json").exists() and (src / "student" / "config.json").exists():
+        src = src / "student"
+    student = load_student(src, device=args.device)
+    name, pretrained = (args.teacher, args.pretrained) if args.teacher else teacher_from_identity(student.teacher_identity)
+    teacher = load_teacher(name, pretrained=pretrained or args.pretrained, device=args.device)
+    if not args.data and not args.classes:
+        raise ValueError("give --data (caption pairs) and/or --classes (labelled images)")
+    captions = load_rows(args.data) if args.data else None
+    classes = load_rows(args.classes) if args.classes else None
+    if classes is not None and not classes.labels:
+        raise ValueError(f"{args.classes}: no labels (use class subfolders or a label column)")
+    if args.limit:  # a seeded sample, so class folders keep every class
+        import numpy as np
+
+        pick = lambda rows: rows.subset(sorted(np.random.default_rng(0).permutation(len(rows))[:args.limit]))  # noqa: E731
+        captions = pick(captions) if captions else None
+        classes = pick(classes) if classes else None
+    results = evaluate_pair(teacher, student, captions, classes, load_templates(args.templates), device=args.device)
+    print(format_table(results))
+    report = write_report(results, args.out or src / "eval", run_dir=src.parent)
+    print(f"report: {report}")
+    return 0
 
 
 def cmd_cache(args) -> int:
@@ -129,7 +199,8 @@ def cmd_cache(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoSizes, format_table, run_demo
+    from .demo import DemoSizes, run_demo
+    from .report import format_table
 
     sizes = DemoSizes.quick() if args.quick else DemoSizes()
     results = run_demo(args.work, args.teacher, args.pretrained, args.data, args.student, sizes,
@@ -137,6 +208,7 @@ def cmd_demo(args) -> int:
     print()
     print(format_table(results))
     print(f"\nstudent saved to {results['student_dir']}  ({results['seconds']:.0f} s in all)")
+    print(f"report: {results['report']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -204,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import RecipeError
 
     try:
-        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache,
+        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache, "eval": cmd_eval,
                     "list": cmd_list}
         return commands[args.command](args)
     except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:

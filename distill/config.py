@@ -82,6 +82,8 @@ class TrainCfg:
     log_every: int = 10
     resume: bool = False  # continue from the last checkpoint in output_dir
     progress: bool = True  # tqdm progress bar
+    health_every: int = 200  # steps between health checks on a held-out slice; 0 = off
+    health_rows: int = 256  # images held out for them (at most a tenth of the data; off below 32)
     cpu: bool = False  # force CPU even when a GPU is present
 
 

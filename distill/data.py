@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = ("image", "image_path", "filepath", "file_name", "filename", "file", "path", "img")
 CAPTION_KEYS = ("caption", "text", "captions", "sentence", "title", "prompt")
+LABEL_KEYS = ("label", "class", "class_name", "category")
 
 
 @dataclass
@@ -83,7 +84,8 @@ def _from_records(records: list[dict], base: Path, where: str, image_key: str | 
     if ik is None and ck is None:
         raise KeyError(f"{where}: found neither an image column {IMAGE_KEYS} nor a caption column {CAPTION_KEYS}; "
                        f"columns are {keys}")
-    images, captions = [], []
+    lk = _pick(keys, None, LABEL_KEYS, "label", where)
+    images, captions, raw_labels = [], [], []
     for r in records:
         img = r.get(ik) if ik else None
         img = _resolve(str(img), base) if img not in (None, "") else None
@@ -92,7 +94,24 @@ def _from_records(records: list[dict], base: Path, where: str, image_key: str | 
         for c in caps:
             images.append(img)
             captions.append(None if c is None else str(c).strip())
-    return Rows(images, captions, source=where)
+            raw_labels.append(r.get(lk) if lk else None)
+    rows = Rows(images, captions, source=where)
+    if lk and all(v not in (None, "") for v in raw_labels):
+        rows.labels, rows.classes = _labels(raw_labels, base)
+    return rows
+
+
+def _labels(raw: list, base: Path) -> tuple[list[int], list[str]]:
+    """Class indices and names: integer labels take their names from a ``classes.csv`` (label,name)
+    beside the file when there is one; otherwise the label values are the class names."""
+    names_file = base / "classes.csv"
+    if all(str(v).strip().isdigit() for v in raw) and names_file.exists():
+        table = {int(r["label"]): r["name"] for r in _read_table(names_file, ",")}
+        classes = [table[i] for i in sorted(table)]
+        return [int(v) for v in raw], classes
+    classes = sorted({str(v) for v in raw})
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[str(v)] for v in raw], classes
 
 
 def _read_table(path: Path, delimiter: str) -> list[dict]:

@@ -144,67 +144,6 @@ def train_demo_teacher(data: Path, out: Path, sizes: DemoSizes, seed: int = 0, p
     return out / "model"
 
 
-def evaluate_pair(teacher: Any, student: Any, data: Path, classes: list[str] | None) -> dict[str, dict[str, float]]:
-    """Teacher and student side by side on ``data/test.csv``: zero-shot, retrieval, params, speed."""
-    from .data import load_rows
-    from .evaluate import (class_embeddings, count_params, embed_images, embed_texts, fidelity,
-                           images_per_second, retrieval_recall, zero_shot_accuracy)
-
-    rows = load_rows(data / "test.csv")
-    paths = rows.images
-    uniq = sorted(set(rows.captions))
-    pairs = [(i, uniq.index(c)) for i, c in enumerate(rows.captions)]
-    t_txt = embed_texts(teacher, uniq)  # the student is image-only: the teacher's text tower serves both
-    class_emb = class_embeddings(teacher, classes, PROMPTS) if classes else None
-    labels = _labels(data / "test.csv") if classes else None
-    t_img = embed_images(teacher, paths)
-    results = {}
-    for name, model, emb in (("teacher", teacher, t_img), ("student", student, embed_images(student, paths))):
-        tower = model.model.image if hasattr(model, "model") else model.image
-        r = {"params_image": count_params(tower)}
-        if classes:
-            r["zero_shot_top1"] = zero_shot_accuracy(emb, labels, class_emb, topk=(1,))["top1"]
-        r["i2t_r1"] = retrieval_recall(emb, t_txt, pairs, ks=(1,))["i2t_r1"]
-        r["fidelity"] = fidelity(emb, t_img)
-        r["images_per_s"] = images_per_second(model.encode_image, model.preprocess.image_size, batch_size=64)
-        results[name] = r
-    return results
-
-
-def _labels(csv_path: Path) -> list[int]:
-    with open(csv_path, encoding="utf-8") as f:
-        return [int(r["label"]) for r in csv.DictReader(f)]
-
-
-def _classes(data: Path) -> list[str] | None:
-    p = data / "classes.csv"
-    if not p.exists():
-        return None
-    with open(p, encoding="utf-8") as f:
-        return [r["name"] for r in csv.DictReader(f)]
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = [c for c in ("params_image", "zero_shot_top1", "i2t_r1", "fidelity", "images_per_s") if c in results["teacher"]]
-    head = f"{'model':<18}" + "".join(f"{c:>16}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for name in ("teacher", "student"):
-        r = results[name]
-        lines.append(f"{name:<18}" + "".join(f"{_fmt(c, r[c]):>16}" for c in cols))
-    t, s = results["teacher"], results["student"]
-    ratio = {c: s[c] / t[c] if t[c] else float("nan") for c in cols}
-    lines.append(f"{'student/teacher':<18}" + "".join(f"{ratio[c]:>16.2f}" for c in cols))
-    return "\n".join(lines)
-
-
-def _fmt(col: str, v: float) -> str:
-    if col == "params_image":
-        return f"{v / 1e6:.2f}M"
-    if col == "images_per_s":
-        return f"{v:,.0f}"
-    return f"{v:.3f}"
-
-
 def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pretrained: str | None = None,
              data: str | None = None, student: str | None = None, sizes: DemoSizes | None = None,
              seed: int = 0, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
@@ -242,8 +181,16 @@ def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pre
     result = Distiller(t, s, output_dir=str(work / "distill"), max_steps=max_steps or sizes.student_steps,
                        batch_size=sizes.batch_size, seed=seed, progress=progress, num_workers=1,
                        **options).fit(str(train_file))
-    results = evaluate_pair(t, result.student, data_dir, _classes(data_dir))
+    from .data import load_rows
+    from .eval import evaluate_pair
+    from .report import write_report
+
+    test = load_rows(data_dir / "test.csv")
+    results = evaluate_pair(t, result.student.eval(), captions=test, classes=test if test.labels else None,
+                            templates=PROMPTS if teacher is None else None)
     results["student_dir"] = str(result.model_dir)
+    results["report"] = str(write_report(results, result.model_dir / "eval", run_dir=result.output_dir,
+                                         title="distill demo: student vs teacher on the held-out split"))
     results["seconds"] = time.perf_counter() - tic
     return results
 

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -89,11 +89,13 @@ class TrainLoop:
         modules: nn.Module,
         make_loader: Callable[[int, int, int], Iterator],
         images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
+        hooks: Sequence[Callable[[int], Any]] = (),
     ):
         self.cfg = recipe
         self.modules = modules
         self.make_loader = make_loader
         self.images_per_batch = images_per_batch
+        self.hooks = hooks  # called with the step number on the main process after each step
         self.output_dir = Path(recipe.train.output_dir)
 
     def _accelerator(self):
@@ -160,6 +162,9 @@ class TrainLoop:
             rate = seen / max(1e-9, time.perf_counter() - tic)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}")
+            if acc.is_main_process:
+                for hook in self.hooks:
+                    hook(step)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
@@ -354,17 +359,22 @@ class Distiller:
             raise ValueError(f"{rows.source}: the student has an image tower but the data has no images")
         if student.image is None and not rows.has_text:
             raise ValueError(f"{rows.source}: the student is text-only but the data has no captions")
+        rows, held = self._hold_out(rows)
         if self.cache_dir:
             dataset, collate, identity = self._cached_data(rows, teacher, student)
+            health = self._health(held, teacher, student)  # before the teacher is dropped
             teacher = None  # training reads the cache; the teacher is not needed (nor kept on the GPU)
         else:
             dataset, collate = self._online_data(rows, teacher, student)
             identity = teacher.identity
+            health = self._health(held, teacher, student)
         step_module = DistillStep(teacher, student, DistillLoss(r.loss.weights, r.loss.kwargs))
         pin = torch.cuda.is_available() and not r.train.cpu
         workers = r.data.num_workers if rows.has_images else 0
+        hooks = [lambda step: health(student, step) if step % r.train.health_every == 0 else None] if health else []
         loop = TrainLoop(r, step_module,
-                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin))
+                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin),
+                         hooks=hooks)
         history, steps = loop.run()
         student.teacher_identity = identity
         out = Path(r.train.output_dir)
@@ -372,6 +382,46 @@ class Distiller:
         if loop.is_main:
             student.cpu().eval().save(student_dir)
         return FitResult(out, history, student, student_dir, steps, {"samples_per_s": loop.samples_per_s})
+
+    def _hold_out(self, rows: Rows) -> tuple[Rows, Rows | None]:
+        """Set aside a slice of whole images for the health checks (none for small or text-only data)."""
+        from .health import hold_out
+
+        t = self.recipe.train
+        n_images = len({i for i in rows.images if i})
+        size = min(t.health_rows, n_images // 10)
+        if t.health_every <= 0 or size < 32 or not rows.has_text:
+            return rows, None
+        train, held = hold_out(rows, size, t.seed)
+        return rows.subset(train), rows.subset(held)
+
+    def _health(self, held: Rows | None, teacher, student):
+        """A HealthCheck with the teacher's embeddings of the held-out slice (from the cache when
+        training from one); it warns about the teacher itself right away."""
+        if held is None:
+            return None
+        from .eval import embed_images, embed_texts
+        from .health import HealthCheck
+
+        images = list(dict.fromkeys(i for i in held.images if i))
+        texts = list(dict.fromkeys(c for c in held.captions if c))
+        if self.cache_dir:
+            from .cache import data_root, image_id, text_id
+
+            cache, held, _, _ = self._prepare_cache(held, teacher)
+            root = data_root(held)
+            images = list(dict.fromkeys(i for i in held.images if i))
+            texts = list(dict.fromkeys(c for c in held.captions if c))
+            t_img = cache.image_embeddings([image_id(p, root) for p in images], [0] * len(images))
+            t_txt = cache.text_embeddings([text_id(c) for c in texts])
+        else:
+            t_img = embed_images(teacher, images) if teacher.has_image else None
+            t_txt = embed_texts(teacher, texts) if teacher.has_text else None
+        check = HealthCheck(held, t_img, t_txt, warmup_steps=max(self.recipe.optim.warmup_steps, 1),
+                            out_file=Path(self.recipe.train.output_dir) / "health.jsonl")
+        Path(self.recipe.train.output_dir).mkdir(parents=True, exist_ok=True)
+        check.report(0, check.teacher_alarms())
+        return check
 
     def _online_data(self, rows: Rows, teacher, student):
         r = self.recipe

@@ -1,0 +1,212 @@
+"""Evaluation of a student against its teacher: zero-shot classification, image-text retrieval,
+fidelity (cosine and nearest-neighbour overlap) and cost (parameters, MACs, latency, throughput).
+
+Models are anything with ``encode_image(pixels)`` / ``encode_text(list[str])`` returning
+normalised embeddings and an ``image_transform`` (teachers and students both qualify).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import open_image
+
+
+@torch.no_grad()
+def embed_images(model: Any, paths: Sequence[str], batch_size: int = 64, encoder: Any = None) -> torch.Tensor:
+    """Normalised image embeddings of ``paths`` with ``model``'s eval preprocessing."""
+    transform = model.image_transform
+    encode = encoder or model.encode_image
+    out = []
+    for i in range(0, len(paths), batch_size):
+        pixels = torch.stack([transform(open_image(p)) for p in paths[i:i + batch_size]])
+        out.append(encode(pixels).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    out = [model.encode_text(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def zero_shot_accuracy(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor,
+                       topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of nearest class embedding (class_emb rows: one per class, normalised)."""
+    logits = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()
+    labels_t = torch.as_tensor(list(labels)).view(-1, 1)
+    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=-1).indices
+    return {f"top{k}": float((ranked[:, :k] == labels_t).any(-1).float().mean()) for k in topk}
+
+
+def class_embeddings(model: Any, classes: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+    """Per-class text embedding: mean of normalised prompt embeddings, renormalised (CLIP practice)."""
+    rows = []
+    for c in classes:
+        e = embed_texts(model, [t.format(c) for t in templates])
+        rows.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, pairs: Sequence[tuple[int, int]],
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways. ``pairs``: (image index, text index) of every matching pair; an image
+    (text) counts as found at k when any matching text (image) is among its top k."""
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
+    rel = torch.zeros_like(sim, dtype=torch.bool)
+    for i, j in pairs:
+        rel[i, j] = True
+    out = {}
+    for name, s, r in (("i2t", sim, rel), ("t2i", sim.t(), rel.t())):
+        has = r.any(-1)
+        order = s.argsort(dim=-1, descending=True)
+        hits = torch.gather(r, 1, order)
+        for k in ks:
+            k_ = min(k, s.shape[1])
+            out[f"{name}_r{k}"] = float(hits[has, :k_].any(-1).float().mean()) if has.any() else 0.0
+    return out
+
+
+def fidelity(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
+    """Mean cosine between student and teacher embeddings of the same inputs."""
+    return float(F.cosine_similarity(student_emb.float(), teacher_emb.float(), dim=-1).mean())
+
+
+def count_params(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def images_per_second(encode, image_size: int, batch_size: int = 64, iters: int = 5, device: str = "cpu") -> float:
+    """Throughput of ``encode`` on random pixels (after one warm-up batch)."""
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    encode(x)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(iters):
+        encode(x)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return batch_size * iters / (time.perf_counter() - tic)
+
+
+def zero_shot_per_class(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor) -> list[float]:
+    """Top-1 accuracy of each class (NaN for classes with no image)."""
+    pred = (F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()).argmax(-1)
+    labels_t = torch.as_tensor(list(labels))
+    out = []
+    for c in range(class_emb.shape[0]):
+        m = labels_t == c
+        out.append(float((pred[m] == c).float().mean()) if m.any() else float("nan"))
+    return out
+
+
+def knn_overlap(student_emb: torch.Tensor, teacher_emb: torch.Tensor, k: int = 10) -> float:
+    """Mean fraction of each item's k nearest neighbours (itself excluded) that student and teacher share."""
+    n = len(student_emb)
+    if n < 2:
+        return float("nan")
+    k = min(k, n - 1)
+
+    def neighbours(x):
+        x = F.normalize(x.float(), dim=-1)
+        sim = x @ x.t()
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=-1).indices
+
+    a, b = neighbours(student_emb), neighbours(teacher_emb)
+    shared = [len(set(a[i].tolist()) & set(b[i].tolist())) / k for i in range(n)]
+    return sum(shared) / n
+
+
+def macs(fn, *inputs) -> int:
+    """Multiply-accumulates of one call, counted with torch's own FLOP counter (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def image_cost(model: Any, device: str = "cpu", iters: int = 5) -> dict[str, float | None]:
+    """Batch-1 latency, batch-64 throughput, MACs per image and peak GPU memory of ``encode_image``."""
+    size = model.preprocess.image_size
+    x1 = torch.randn(1, 3, size, size, device=device)
+    out: dict[str, float | None] = {"macs_image": macs(model.encode_image, x1)}
+    out["latency_ms_b1"] = 1000 / images_per_second(model.encode_image, size, batch_size=1, iters=iters * 4, device=device)
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    out["images_per_s"] = images_per_second(model.encode_image, size, batch_size=64, iters=iters, device=device)
+    out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
+    return out
+
+
+def _tower(model: Any, name: str):
+    inner = model.model if hasattr(model, "model") and hasattr(model.model, "image") else model
+    return getattr(inner, name, None)
+
+
+def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any = None,
+                  templates: Sequence[str] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Teacher and student side by side.
+
+    Args:
+        captions: Rows of image-caption pairs (retrieval, fidelity).
+        classes: Rows with labels/classes (zero-shot top-1/top-5 and per-class accuracy).
+        templates: prompt templates (default: the 80 CLIP ImageNet ones).
+
+    Returns ``{"teacher": {...}, "student": {...}, "per_class": {...}, "cosines": [...]}``. A student
+    without a text (image) tower is scored with the teacher's text (image) tower, as it is deployed.
+    """
+    from .templates import IMAGENET_TEMPLATES
+
+    templates = tuple(templates or IMAGENET_TEMPLATES)
+    s_has_img, s_has_txt = _tower(student, "image") is not None, _tower(student, "text") is not None
+    res: dict[str, Any] = {"teacher": {}, "student": {}, "per_class": {}, "cosines": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        r = res[name]
+        r["params_image"] = count_params(_tower(model, "image"))
+        r["params_text"] = count_params(_tower(model, "text"))
+        if name == "teacher" and not r["params_image"]:  # a backend without separate towers (open_clip, HF)
+            inner = getattr(model, "model", model)
+            r["params_image"] = count_params(getattr(inner, "visual", None) or getattr(inner, "vision_model", None))
+            r["params_text"] = count_params(inner) - r["params_image"]
+        if (name == "teacher" or s_has_img) and getattr(model, "preprocess", None) is not None:
+            r.update(image_cost(model, device))
+    if captions is not None and len(captions):
+        images = list(dict.fromkeys(i for i in captions.images if i))
+        texts = list(dict.fromkeys(c for c in captions.captions if c))
+        pos_i, pos_t = {p: i for i, p in enumerate(images)}, {c: j for j, c in enumerate(texts)}
+        pairs = [(pos_i[i], pos_t[c]) for i, c in zip(captions.images, captions.captions) if i and c]
+        t_img, t_txt = embed_images(teacher, images), embed_texts(teacher, texts)
+        s_img = embed_images(student, images) if s_has_img else t_img
+        s_txt = embed_texts(student, texts) if s_has_txt else t_txt
+        res["teacher"].update(retrieval_recall(t_img, t_txt, pairs))
+        res["student"].update(retrieval_recall(s_img, s_txt, pairs))
+        s_main, t_main = (s_img, t_img) if s_has_img else (s_txt, t_txt)
+        res["student"]["fidelity"] = fidelity(s_main, t_main)
+        res["student"]["knn10_overlap"] = knn_overlap(s_main, t_main)
+        res["cosines"] = F.cosine_similarity(s_main, t_main, dim=-1).tolist()
+        if s_has_img and s_has_txt:
+            res["student"]["fidelity_text"] = fidelity(s_txt, t_txt)
+    if classes is not None and classes.labels:
+        t_cls = class_embeddings(teacher, classes.classes, templates)
+        s_cls = class_embeddings(student, classes.classes, templates) if s_has_txt else t_cls
+        t_img = embed_images(teacher, classes.images)
+        s_img = embed_images(student, classes.images) if s_has_img else t_img
+        for name, img, cls in (("teacher", t_img, t_cls), ("student", s_img, s_cls)):
+            acc = zero_shot_accuracy(img, classes.labels, cls, topk=(1, 5))
+            res[name]["zero_shot_top1"], res[name]["zero_shot_top5"] = acc["top1"], acc["top5"]
+        per_t = zero_shot_per_class(t_img, classes.labels, t_cls)
+        per_s = zero_shot_per_class(s_img, classes.labels, s_cls)
+        res["per_class"] = {c: {"teacher": a, "student": b} for c, a, b in zip(classes.classes, per_t, per_s)}
+        if captions is None:
+            res["student"]["fidelity"] = fidelity(s_img, t_img)
+            res["student"]["knn10_overlap"] = knn_overlap(s_img, t_img)
+            res["cosines"] = F.cosine_similarity(s_img, t_img, dim=-1).tolist()
+    return res
