@@ -70,6 +70,14 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, pairs: Seq
     return out
 
 
+def caption_pairs(rows) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """Unique images, unique captions, and the (image, caption) index pairs of ``rows``."""
+    images = list(dict.fromkeys(i for i in rows.images if i))
+    texts = list(dict.fromkeys(c for c in rows.captions if c))
+    pi, pt = {p: i for i, p in enumerate(images)}, {c: j for j, c in enumerate(texts)}
+    return images, texts, [(pi[i], pt[c]) for i, c in zip(rows.images, rows.captions) if i and c]
+
+
 def fidelity(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
     """Mean cosine between student and teacher embeddings of the same inputs."""
     return float(F.cosine_similarity(student_emb.float(), teacher_emb.float(), dim=-1).mean())
@@ -179,10 +187,7 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
         if (name == "teacher" or s_has_img) and getattr(model, "preprocess", None) is not None:
             r.update(image_cost(model, device))
     if captions is not None and len(captions):
-        images = list(dict.fromkeys(i for i in captions.images if i))
-        texts = list(dict.fromkeys(c for c in captions.captions if c))
-        pos_i, pos_t = {p: i for i, p in enumerate(images)}, {c: j for j, c in enumerate(texts)}
-        pairs = [(pos_i[i], pos_t[c]) for i, c in zip(captions.images, captions.captions) if i and c]
+        images, texts, pairs = caption_pairs(captions)
         t_img, t_txt = embed_images(teacher, images), embed_texts(teacher, texts)
         s_img = embed_images(student, images) if s_has_img else t_img
         s_txt = embed_texts(student, texts) if s_has_txt else t_txt

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Rows, open_image
-from .eval import retrieval_recall
+from .eval import caption_pairs, retrieval_recall
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ class HealthCheck:
 
     def __init__(self, rows: Rows, teacher_image: torch.Tensor | None, teacher_text: torch.Tensor | None,
                  warmup_steps: int = 0, out_file: str | Path | None = None):
-        self.images = list(dict.fromkeys(i for i in rows.images if i))
-        self.texts = list(dict.fromkeys(c for c in rows.captions if c))
-        pi, pt = {p: i for i, p in enumerate(self.images)}, {c: j for j, c in enumerate(self.texts)}
-        self.pairs = [(pi[i], pt[c]) for i, c in zip(rows.images, rows.captions) if i and c]
+        self.images, self.texts, self.pairs = caption_pairs(rows)
         self.t_img, self.t_txt = teacher_image, teacher_text
         self.warmup_steps = warmup_steps
         self.out_file = Path(out_file) if out_file else None

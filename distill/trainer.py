@@ -400,21 +400,19 @@ class Distiller:
         training from one); it warns about the teacher itself right away."""
         if held is None:
             return None
-        from .eval import embed_images, embed_texts
+        from .eval import caption_pairs, embed_images, embed_texts
         from .health import HealthCheck
 
-        images = list(dict.fromkeys(i for i in held.images if i))
-        texts = list(dict.fromkeys(c for c in held.captions if c))
         if self.cache_dir:
             from .cache import data_root, image_id, text_id
 
             cache, held, _, _ = self._prepare_cache(held, teacher)
             root = data_root(held)
-            images = list(dict.fromkeys(i for i in held.images if i))
-            texts = list(dict.fromkeys(c for c in held.captions if c))
+            images, texts, _ = caption_pairs(held)
             t_img = cache.image_embeddings([image_id(p, root) for p in images], [0] * len(images))
             t_txt = cache.text_embeddings([text_id(c) for c in texts])
         else:
+            images, texts, _ = caption_pairs(held)
             t_img = embed_images(teacher, images) if teacher.has_image else None
             t_txt = embed_texts(teacher, texts) if teacher.has_text else None
         check = HealthCheck(held, t_img, t_txt, warmup_steps=max(self.recipe.optim.warmup_steps, 1),
