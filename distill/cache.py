@@ -211,7 +211,7 @@ class TeacherService:
         barrier()
         if rank != 0:
             return summary
-        manifest = self.finish_manifest(manifest, rows)
+        manifest = self.finish_manifest(manifest)
         summary.images_cached = manifest["counts"]["images"]
         summary.texts_cached = manifest["counts"]["texts"]
         summary.skipped = manifest["counts"]["skipped"]
@@ -342,8 +342,9 @@ class TeacherService:
         bar.close()
         return encoded
 
-    def finish_manifest(self, manifest: dict[str, Any], rows: Rows) -> dict[str, Any]:
-        shards, counts, skipped = {}, {"images": 0, "texts": 0}, []
+    def finish_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Merge every finished shard into the manifest (shards, counts, fingerprint) and skipped.jsonl."""
+        shards, counts, skipped, ids = {}, {"images": 0, "texts": 0}, [], []
         for kind in ("images", "texts"):
             shards[kind] = []
             for meta in sorted((self.dir / kind).glob("shard_*.json")):
@@ -351,10 +352,10 @@ class TeacherService:
                 shards[kind].append({"name": meta.stem, "rows": m["rows"]})
                 counts[kind] += m["rows"]
                 skipped.extend({"kind": kind, **s} for s in m.get("skipped", []))
+                ids.extend(m["ids"])
         lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped)
         atomic_write_bytes(self.dir / "skipped.jsonl", lines.encode("utf-8"))
-        ids = sorted(i for kind in ("images", "texts") for meta in sorted((self.dir / kind).glob("shard_*.json"))
-                     for i in read_json(meta)["ids"])
+        ids.sort()
         manifest.update(shards=shards, counts={**counts, "skipped": len(skipped)}, complete=True,
                         fingerprint=hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20])
         write_json(self.dir / "manifest.json", manifest)
@@ -446,7 +447,7 @@ class EmbeddingCache:
     def embed_dim(self) -> int:
         return int(self.manifest["embed_dim"])
 
-    def check(self, teacher=None, preprocess: PreprocessCfg | None = None, allow_stale: bool = False) -> None:
+    def check(self, teacher=None, allow_stale: bool = False) -> None:
         """Raise CacheMismatchError naming the field when ``teacher`` differs from the cache's."""
         if teacher is None or allow_stale:
             return
@@ -568,7 +569,8 @@ def cached_collate(cache: EmbeddingCache, base_collate: Callable) -> Callable:
         batch = base_collate(items)
         if batch is None:
             return None
-        kept = [it for it in items if it["index"] in set(batch["index"].tolist())]
+        in_batch = set(batch["index"].tolist())  # rows the base collate kept
+        kept = [it for it in items if it["index"] in in_batch]
         emb = {}
         if all(it["image_key"] is not None for it in kept):
             emb["image"] = cache.image_embeddings([it["image_key"] for it in kept], [it["view"] for it in kept])

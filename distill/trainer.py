@@ -292,6 +292,7 @@ class Distiller:
         cache = None
         if self.cache_dir and (Path(self.cache_dir) / "manifest.json").exists():
             cache = EmbeddingCache.open(self.cache_dir)
+        self._cache = cache  # opened once; reopened only after cache-through writes to it
         if teacher is None and cache is None:
             teacher = r.teacher.name
         if isinstance(teacher, str):
@@ -322,9 +323,9 @@ class Distiller:
         and return (cache, rows, image keys, text keys) for the rows it holds."""
         from .cache import EmbeddingCache, TeacherService, row_keys
 
-        r, path = self.recipe, Path(self.cache_dir)
-        cache = EmbeddingCache.open(path) if (path / "manifest.json").exists() else None
-        missing = row_keys(rows, cache)[2] if cache is not None else list(range(len(rows)))
+        r, path, cache = self.recipe, Path(self.cache_dir), self._cache
+        keys = row_keys(rows, cache) if cache is not None else None
+        missing = keys[2] if keys is not None else list(range(len(rows)))
         if missing:
             if teacher is None:
                 teacher = self._load_teacher(self.recipe.teacher.name)
@@ -337,8 +338,9 @@ class Distiller:
                 num_workers=r.data.num_workers, progress=r.train.progress)
             service.build(rows.subset(missing), views=policy["views"], seed=policy["seed"],
                           scale=policy["scale"], ratio=policy["ratio"])
-            cache = EmbeddingCache.open(path)
-        image_keys, text_keys, missing = row_keys(rows, cache)
+            cache = self._cache = EmbeddingCache.open(path)
+            keys = row_keys(rows, cache)
+        image_keys, text_keys, missing = keys
         if missing:  # unreadable images / empty captions the build skipped (skipped.jsonl says why)
             log.warning("%d of %d rows have no cached teacher embedding and are left out (see %s)",
                         len(missing), len(rows), path / "skipped.jsonl")
@@ -404,13 +406,11 @@ class Distiller:
         from .health import HealthCheck
 
         if self.cache_dir:
-            from .cache import data_root, image_id, text_id
-
-            cache, held, _, _ = self._prepare_cache(held, teacher)
-            root = data_root(held)
+            cache, held, image_keys, text_keys = self._prepare_cache(held, teacher)
             images, texts, _ = caption_pairs(held)
-            t_img = cache.image_embeddings([image_id(p, root) for p in images], [0] * len(images))
-            t_txt = cache.text_embeddings([text_id(c) for c in texts])
+            key_of_image, key_of_text = dict(zip(held.images, image_keys)), dict(zip(held.captions, text_keys))
+            t_img = cache.image_embeddings([key_of_image[p] for p in images], [0] * len(images))
+            t_txt = cache.text_embeddings([key_of_text[c] for c in texts])
         else:
             images, texts, _ = caption_pairs(held)
             t_img = embed_images(teacher, images) if teacher.has_image else None

@@ -233,7 +233,7 @@ def test_split_build_across_processes_equals_one_process(teacher, shapes, tmp_pa
     for rank in (1, 0):
         svc.encode_images(plans[0], manifest, rank=rank, world=2)
         svc.encode_texts(plans[1], rank=rank, world=2)
-    svc.finish_manifest(manifest, rows)
+    svc.finish_manifest(manifest)
     _service(teacher, tmp_path / "one").build(data, views=2)
     a, b = _arrays(tmp_path / "split"), _arrays(tmp_path / "one")
     assert a.keys() == b.keys() and len([k for k in a if k.startswith("images/")]) == 15  # 5 shards x 3 files
