@@ -11,9 +11,6 @@ writes benchmarks/results/cache_throughput_<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import shutil
 import tempfile
 import time
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _results import write_result
 from distill import Distiller, create_student, load_teacher
 from distill.cache import TeacherService
 from distill.data import open_image
@@ -120,18 +118,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     for k, v in row.items():
         print(f"{k:<36} {v:>12,.2f}" if isinstance(v, float) else f"{k:<36} {v:>12}")
-    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
-    result = {"benchmark": "cache_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
-              "teacher": "open_clip ViT-B-32 (random weights), 224 px",
-              "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                           "open_clip": __import__("open_clip").__version__},
-              "result": row}
-    out = Path(args.out) / f"cache_throughput_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-
+    write_result("cache_throughput", device, args.out, ("open_clip",),
+                 teacher="open_clip ViT-B-32 (random weights), 224 px", result=row)
 
 if __name__ == "__main__":
     main()

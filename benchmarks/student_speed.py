@@ -10,15 +10,13 @@ Prints a table and writes benchmarks/results/student_speed_<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from _results import write_result
 from distill import create_student, list_students
 
 WORDS = "a small dog runs across the green grass next to a red ball in the park".split()
@@ -100,20 +98,8 @@ def main():
     print(" | ".join(f"{c:>15}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>15.2f}" if isinstance(r[c], float) else f"{r[c]:>15}" for c in cols))
-    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
-    result = {
-        "benchmark": "student_speed", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
-        "precision": precision, "train_batch": batch,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "timm": __import__("timm").__version__, "transformers": __import__("transformers").__version__},
-        "rows": rows,
-    }
-    out = Path(args.out) / f"student_speed_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-
+    write_result("student_speed", device, args.out, ("timm", "transformers"),
+                 precision=precision, train_batch=batch, rows=rows)
 
 if __name__ == "__main__":
     main()
