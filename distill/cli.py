@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--allow-stale", action="store_true", help="use a cache built with another teacher/preprocessing")
 
     t = sub.add_parser("tune", help="contrastively tune a two-tower model from a recipe",
-                       description="CLIP loss with a learnable temperature; tune.lock=text|image|none. The student "
-                       "section names the two-tower model (e.g. vit_tiny+bert_small); the result in "
+                       description="CLIP loss with a learnable temperature; tune.lock=text (LiT)|image|lora|none. The "
+                       "student section names the two-tower model (e.g. resnet18+hf:minilm, "
+                       "openclip:ViT-B-32+bert_small) and tune.embed_dim its shared space; the result in "
                        "<output_dir>/model loads with load_teacher().")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*")
@@ -226,14 +227,10 @@ def cmd_fit(args) -> int:
 
 def cmd_tune(args) -> int:
     from .config import load_recipe
-    from .students import create_student
     from .tune import Tuner
 
     recipe = load_recipe(args.recipe, args.overrides)
-    kwargs = dict(recipe.student.kwargs)
-    embed_dim = kwargs.pop("embed_dim", 512)
-    model = create_student(recipe.student.name, embed_dim=embed_dim, **kwargs)
-    result = Tuner(model, recipe=recipe).fit()
+    result = Tuner(recipe=recipe).fit()
     print(f"final loss {result.history['loss'][-1]:.4f}; model: {result.model_dir} (load_teacher() loads it)")
     return 0
 

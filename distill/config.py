@@ -61,7 +61,8 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only: 75% less optimiser memory)
+    lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -85,12 +86,22 @@ class TrainCfg:
     health_every: int = 200  # steps between health checks on a held-out slice; 0 = off
     health_rows: int = 256  # images held out for them (at most a tenth of the data; off below 32)
     cpu: bool = False  # force CPU even when a GPU is present
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    channels_last: bool = False  # NHWC memory format for CNN students (faster convs with autocast)
+    compile: bool = False  # torch.compile the student (first steps are slow while it compiles)
 
 
 @dataclass
 class TuneCfg:
-    lock: str = "none"  # contrastive tuning (distill tune): none | text (LiT) | image
+    lock: str = "none"  # contrastive tuning (distill tune): none | text (LiT) | image | lora
     init_temperature: float = 0.07  # learnable softmax temperature of the CLIP loss
+    embed_dim: int = 512  # shared space of the two towers' projection heads (when built from the recipe)
+    queue: int = 0  # past embeddings of the locked tower kept as extra negatives (lock=text|image)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_towers: str = "both"  # image | text | both: towers that get adapters (lock=lora)
+    lora_targets: list[str] = field(default_factory=list)  # module names; empty = every Linear of the tower
 
 
 @dataclass

@@ -70,6 +70,29 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, pairs: Seq
     return out
 
 
+def caption_retrieval(text_emb: torch.Tensor, groups: Sequence[Any], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Caption-to-caption Recall@k: each caption queries all the others (itself excluded); the
+    relevant ones share its group (e.g. the other captions of the same photo)."""
+    emb = F.normalize(text_emb.float(), dim=-1)
+    codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    g = torch.tensor([codes[x] for x in groups])
+    hits = {k: 0 for k in ks}
+    counted = 0
+    for start in range(0, len(emb), 1024):  # blocks keep memory at 1024 x N
+        sim = emb[start:start + 1024] @ emb.t()
+        idx = torch.arange(start, start + len(sim))
+        sim[torch.arange(len(sim)), idx] = float("-inf")
+        rel = g[start:start + len(sim), None] == g[None, :]
+        rel[torch.arange(len(sim)), idx] = False
+        has = rel.any(-1)
+        top = sim.topk(max(ks), dim=-1).indices
+        found = torch.gather(rel, 1, top)
+        for k in ks:
+            hits[k] += int(found[has, :k].any(-1).sum())
+        counted += int(has.sum())
+    return {f"r{k}": hits[k] / max(counted, 1) for k in ks}
+
+
 def caption_pairs(rows) -> tuple[list[str], list[str], list[tuple[int, int]]]:
     """Unique images, unique captions, and the (image, caption) index pairs of ``rows``."""
     images = list(dict.fromkeys(i for i in rows.images if i))

@@ -159,11 +159,3 @@ class DistillLoss(nn.Module):
         values = {k: m(e) for k, m in self.terms.items()}
         total = sum(self.weights[k] * v for k, v in values.items())
         return total, {k: float(v.detach()) for k, v in values.items()}
-
-
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP InfoNCE between paired image and text embeddings (both normalised here)."""
-    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
-    target = torch.arange(len(img), device=img.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2

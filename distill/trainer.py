@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._imports import require
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Recipe, apply_options, save_recipe
 from .data import EpochBatchSampler, PairDataset, Rows, as_rows, make_collate
@@ -79,6 +80,35 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; ``adamw8bit`` keeps its state in 8 bits (bitsandbytes)."""
+    groups = _param_groups(module, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ValueError("optim.optimizer=adamw8bit needs a CUDA GPU; use adamw on CPU")
+        bnb = require("bitsandbytes", "optim.optimizer=adamw8bit")
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    raise ValueError(f"optim.optimizer: {cfg.optimizer!r} is not one of adamw, adamw8bit")
+
+
+def apply_memory_options(module: nn.Module, t) -> None:
+    """Gradient checkpointing, channels_last and torch.compile on the trained towers (in place, so
+    state-dict keys and checkpoints are unchanged)."""
+    model = getattr(module, "student", None) or getattr(module, "model", None)
+    if model is None:
+        return
+    if t.grad_checkpointing and not model.set_grad_checkpointing(True):
+        log.warning("train.grad_checkpointing: no tower of this model supports it; ignored")
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)  # only 4-D (conv) weights change layout
+    if t.compile:
+        for tower in (model.image, model.text):
+            if tower is not None:
+                (tower.trunk if hasattr(tower, "trunk") else tower.encoder).compile()
+
+
 class TrainLoop:
     """Runs ``max_steps`` optimiser steps of ``modules(batch) -> (loss, terms)``: the module's forward
     is the loss, so accelerate's DDP wrapper sees the whole step."""
@@ -116,9 +146,9 @@ class TrainLoop:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             save_recipe(cfg, self.output_dir / "recipe.yaml")
-        optimizer = torch.optim.AdamW(_param_groups(self.modules, cfg.optim.weight_decay),
-                                      lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.modules.to(acc.device)
+        apply_memory_options(self.modules, t)
+        optimizer = make_optimizer(self.modules, cfg.optim, acc.device)
         model, optimizer = acc.prepare(self.modules, optimizer)
         step, consumed, history = 0, 0, {"loss": []}
         ckpt_root = self.output_dir / "checkpoints"

@@ -26,6 +26,8 @@ def create_tower(name: str, embed_dim: int, **kwargs: Any):
     """One tower by name: registered, ``timm:<name>`` or ``hf:<id|dir>``."""
     if name.startswith("timm:"):
         return _image.timm_tower(name[5:], embed_dim, **kwargs)
+    if name.startswith("openclip:"):
+        return _image.openclip_tower(name[9:], embed_dim, **kwargs)
     if name.startswith("hf:"):
         return _text.hf_text_tower(name[3:], embed_dim, **kwargs)
     return STUDENTS.create(name, embed_dim=embed_dim, **kwargs)
@@ -42,7 +44,7 @@ def create_student(
 
     Args:
         name: ``vit_tiny``, ``resnet18``, ``mobilevit_s``, ``bert_small``, ``timm:<name>``,
-            ``hf:<id|dir>``, ``"<image>+<text>"`` or a saved student folder.
+            ``openclip:<arch>`` (an open_clip image tower), ``hf:<id|dir>``, ``"<image>+<text>"`` or a saved student folder.
         embed_dim: the teacher's embedding dimension.
         image_kwargs / text_kwargs: per-tower options for a two-tower name.
         **kwargs: options of a single tower (``pretrained``, ``image_size``, ``model_kwargs``, ...).

@@ -22,6 +22,15 @@ from ..version import __version__
 FORMAT = "clip-distill-student/1"
 
 
+def keep_space(proj: nn.Linear) -> None:
+    """Start a square projection head as the identity, so a pretrained trunk's embedding space is
+    kept as it is (a locked tower's head then changes nothing)."""
+    if proj.in_features == proj.out_features:
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(proj.in_features))
+            proj.bias.zero_()
+
+
 class ImageTower(nn.Module):
     """timm trunk (pooled features) -> linear projection to ``embed_dim``."""
 

@@ -6,13 +6,16 @@ from typing import Any
 from .._imports import require
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from . import STUDENTS
-from .base import ImageTower
+from .base import ImageTower, keep_space
 
 
 def build_image_tower(
     spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None = None, pretrained: bool = False
 ) -> ImageTower:
-    """Build a timm trunk from ``spec`` ({arch, timm_name, model_kwargs}) + projection head."""
+    """Build a trunk from ``spec`` ({arch, timm_name, model_kwargs} or {arch, openclip, model_cfg})
+    + projection head."""
+    if "openclip" in spec:
+        return _openclip_tower(spec, embed_dim, preprocess, pretrained)
     timm = require("timm", "image students")
     kwargs = dict(spec.get("model_kwargs") or {})
     trunk = timm.create_model(spec["timm_name"], pretrained=pretrained, num_classes=0, **kwargs)
@@ -74,3 +77,27 @@ def mobilevit_s(embed_dim: int = 512, **kwargs: Any) -> ImageTower:
 def timm_tower(timm_name: str, embed_dim: int = 512, **kwargs: Any) -> ImageTower:
     """Any timm model by name (``create_student("timm:convnext_atto")``)."""
     return create_image_tower(f"timm:{timm_name}", timm_name, embed_dim, **kwargs)
+
+
+def _openclip_tower(spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None,
+                    pretrained: bool | str) -> ImageTower:
+    from ..teachers.open_clip import create_open_clip_model
+
+    model, pre = create_open_clip_model(spec["openclip"], pretrained if isinstance(pretrained, str) else None,
+                                        spec.get("model_cfg"))
+    trunk = model.visual  # the text tower and logit scale are dropped
+    trunk.num_features = trunk.output_dim
+    tower = ImageTower(trunk, embed_dim, preprocess or pre, spec)
+    if pretrained:
+        keep_space(tower.proj)
+    return tower
+
+
+def openclip_tower(arch: str, embed_dim: int = 512, pretrained: str | None = None,
+                   model_cfg: dict[str, Any] | None = None, image_size: int | None = None) -> ImageTower:
+    """The image tower of an open_clip model (``create_student("openclip:ViT-B-32", pretrained=tag)``),
+    for composite models and teacher tuning; ``pretrained``: a tag or a local weights file."""
+    if image_size is not None:
+        raise ValueError("openclip towers keep their architecture's image size; drop image_size")
+    spec = {"arch": f"openclip:{arch}", "openclip": arch, "model_cfg": model_cfg}
+    return build_image_tower(spec, embed_dim, None, pretrained or False)

