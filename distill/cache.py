@@ -327,12 +327,15 @@ class TeacherService:
             good = [(c, k) for c, k in chunk if c.strip()]
             skipped = [{"id": k, "caption": c, "reason": "empty caption"} for c, k in chunk if not c.strip()]
             emb = []
+            order = sorted(range(len(good)), key=lambda i: len(good[i][0]))  # similar lengths: less padding
             for b in range(0, len(good), self.batch_size):
                 with _autocast(self.device, self.amp):
-                    z = self.teacher.encode_text([c for c, _ in good[b:b + self.batch_size]])
+                    z = self.teacher.encode_text([good[i][0] for i in order[b:b + self.batch_size]])
                 emb.append(z.float().cpu().numpy().astype(DTYPES[self.dtype]))
-                bar.update(len(good[b:b + self.batch_size]))
-            arr = np.concatenate(emb) if emb else np.zeros((0, self.teacher.embed_dim), DTYPES[self.dtype])
+                bar.update(len(order[b:b + self.batch_size]))
+            arr = np.zeros((len(good), self.teacher.embed_dim), DTYPES[self.dtype])
+            if emb:
+                arr[order] = np.concatenate(emb)
             base = self.dir / "texts" / f"shard_{next_shard:05d}"
             _np_save(base.with_suffix(".npy"), arr)
             write_json(base.with_suffix(".json"), {"rows": len(good), "ids": [k for _, k in good], "skipped": skipped})

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads where tensors are made: the ONNX runtime uses this module without it
+    import torch
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -104,30 +106,45 @@ def crop_resize(image, view: View, size: int, interpolation: str = "bicubic") ->
     return np.array(out, copy=True)
 
 
-def apply_view(image, view: View, cfg: PreprocessCfg) -> torch.Tensor:
+def apply_view(image, view: View, cfg: PreprocessCfg) -> "torch.Tensor":
     """Crop ``view`` out of a PIL image, resize to ``cfg.image_size``, flip, normalise -> [3, S, S]."""
     return to_tensor(crop_resize(image, view, cfg.image_size, cfg.interpolation), cfg)
 
 
-def normalize(pixels: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
+def normalize(pixels: "torch.Tensor", cfg: PreprocessCfg) -> "torch.Tensor":
     """uint8 [N, 3, S, S] (on any device) -> normalised float, as ``to_tensor`` does per image."""
+    import torch
+
     mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
     return (pixels.float().div_(255.0) - mean) / std
 
 
-def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> torch.Tensor:
-    """uint8 HWC array -> normalised float CHW tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(cfg.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1)
+def to_array(array: np.ndarray, cfg: PreprocessCfg) -> np.ndarray:
+    """uint8 HWC array -> normalised float32 CHW array."""
+    x = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
     return (x - mean) / std
+
+
+def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> "torch.Tensor":
+    """uint8 HWC array -> normalised float CHW tensor."""
+    import torch
+
+    return torch.from_numpy(to_array(array, cfg))
+
+
+def eval_array(image, cfg: PreprocessCfg) -> np.ndarray:
+    """PIL image -> normalised float32 CHW array with the eval view (no torch needed)."""
+    image = image.convert("RGB")
+    return to_array(crop_resize(image, eval_view(*image.size, cfg.resize_mode), cfg.image_size, cfg.interpolation), cfg)
 
 
 def eval_transform(cfg: PreprocessCfg):
     """PIL image -> tensor with the eval view (what a teacher/student sees at inference)."""
 
-    def transform(image) -> torch.Tensor:
+    def transform(image) -> "torch.Tensor":
         image = image.convert("RGB")
         return apply_view(image, eval_view(*image.size, cfg.resize_mode), cfg)
 

@@ -1,0 +1,146 @@
+"""Exports: safetensors and ONNX (FP32/FP16/INT8) round-trips, the torch-free runtime, the accuracy gate."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+TOWERS = dict(image_kwargs=dict(image_size=32, model_kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+              text_kwargs=dict(hidden_size=64, num_layers=2, num_heads=2, context_length=16))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from distill import create_student
+
+    torch.manual_seed(0)
+    s = create_student("vit_tiny+bert_small", embed_dim=32, **TOWERS).eval()
+    return s, s.save(tmp_path_factory.mktemp("student") / "s")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-fp16", "onnx-int8"])
+def test_onnx_formats_round_trip(fmt, pair, shapes, tmp_path):
+    from distill.export import export
+    from distill.runtime import OnnxStudent
+
+    student, folder = pair
+    res = export(folder, tmp_path / fmt, fmt, data=str(shapes / "test.csv"))
+    m = OnnxStudent(res.path)
+    assert m.modality == "both"
+    texts = ["a red circle", "two blue squares on the left", "三个绿色的三角形 🟢"]
+    pix = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        ref_img, ref_txt = student.encode_image(pix).numpy(), student.encode_text(texts).numpy()
+    got_img, got_txt = m.encode_image(pix.numpy()), m.encode_text(texts)
+    cos = lambda a, b: (a * b).sum(-1)  # noqa: E731 (both normalised)
+    want = {"onnx": 0.999, "onnx-fp16": 0.99, "onnx-int8": 0.97}[fmt]
+    assert cos(ref_img, got_img).min() > want and cos(ref_txt, got_txt).min() > want
+    if fmt == "onnx":
+        assert np.abs(ref_img - got_img).max() < 1e-4 and np.abs(ref_txt - got_txt).max() < 1e-4
+    parity = json.loads((res.path / "parity.json").read_text())
+    assert parity["image"]["mean_cosine"] > want and parity["image"]["n"] == 40
+    assert (res.path / "parity.md").read_text().startswith("# Export parity")
+    assert "zero_shot_top1" in parity  # the test set has labels and the export has both towers
+
+
+def test_int8_is_much_smaller_than_fp32(pair, tmp_path):
+    from distill.export import export
+
+    _, folder = pair
+    fp32 = export(folder, tmp_path / "fp32", "onnx", towers=["image"])
+    int8 = export(folder, tmp_path / "int8", "onnx-int8", towers=["image"])
+    assert fp32.files["image.onnx"] / int8.files["image.onnx"] >= 2.5
+    assert "text.onnx" not in int8.files
+
+
+def test_static_int8_uses_calibration_data(pair, shapes, tmp_path):
+    from distill.export import export
+
+    _, folder = pair
+    res = export(folder, tmp_path / "static", "onnx-int8", towers=["image"], data=str(shapes / "test.csv"),
+                 quantization="static")
+    cfg = json.loads((res.path / "onnx_config.json").read_text())
+    assert cfg["image_quantization"].startswith("static")
+    assert res.parity["image"]["mean_cosine"] > 0.97
+
+
+def test_gate_fails_on_a_corrupted_export(pair, tmp_path, monkeypatch):
+    import onnx
+
+    from distill import export as export_mod
+
+    _, folder = pair
+    real = export_mod._export_onnx
+
+    def corrupt(student, out, towers, opset):
+        paths = real(student, out, towers, opset)
+        model = onnx.load(str(paths["image"]))
+        for init in model.graph.initializer:  # scramble every weight matrix of the image graph
+            arr = onnx.numpy_helper.to_array(init)
+            if arr.ndim >= 2:
+                init.CopyFrom(onnx.numpy_helper.from_array(np.random.default_rng(0).permutation(arr.ravel())
+                                                           .reshape(arr.shape), init.name))
+        onnx.save(model, str(paths["image"]))
+        return paths
+
+    monkeypatch.setattr(export_mod, "_export_onnx", corrupt)
+    with pytest.raises(export_mod.ExportGateError, match="image tower mean cosine"):
+        export_mod.export(folder, tmp_path / "bad", "onnx", towers=["image"])
+    assert json.loads((tmp_path / "bad" / "parity.json").read_text())["image"]["mean_cosine"] < 0.999
+
+
+def test_safetensors_export_keeps_weights_only(pair, tmp_path):
+    from distill.export import export
+    from distill.students import load_student
+
+    student, folder = pair
+    res = export(folder, tmp_path / "st", "safetensors", towers=["image"], dtype="fp16")
+    loaded = load_student(res.path)
+    assert loaded.text is None
+    pix = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(loaded.encode_image(pix), student.encode_image(pix)).min() > 0.999
+
+
+def test_runtime_needs_no_torch(pair, tmp_path):
+    from distill.export import export
+
+    student, folder = pair
+    res = export(folder, tmp_path / "rt", "onnx")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "import json, numpy as np\n"
+        "from distill.runtime import OnnxStudent\n"
+        f"m = OnnxStudent({str(res.path)!r})\n"
+        "print(json.dumps({'t': m.encode_text(['a red circle']).tolist(),\n"
+        "                  'i': m.encode_image(np.zeros((1, 3, 32, 32), np.float32)).tolist()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    with torch.no_grad():
+        ref_t = student.encode_text(["a red circle"]).numpy()
+        ref_i = student.encode_image(torch.zeros(1, 3, 32, 32)).numpy()
+    assert np.abs(np.array(got["t"]) - ref_t).max() < 1e-4 and np.abs(np.array(got["i"]) - ref_i).max() < 1e-4
+
+
+def test_image_student_paired_with_teacher_text_tower(tmp_path):
+    from distill import create_student, load_teacher
+    from distill.export import pair_with_teacher_text
+
+    torch.manual_seed(0)
+    teacher_model = create_student("vit_tiny+bert_small", embed_dim=32, **TOWERS)
+    teacher = load_teacher(str(teacher_model.save(tmp_path / "teacher")))
+    student = create_student("vit_tiny", embed_dim=32, image_size=32, model_kwargs=TOWERS["image_kwargs"]["model_kwargs"])
+    paired = load_teacher(str(pair_with_teacher_text(student, teacher).save(tmp_path / "pair")))
+    texts = ["a red circle", "a blue square"]
+    assert torch.allclose(paired.encode_text(texts), teacher.encode_text(texts), atol=1e-6)
+    pix = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(paired.encode_image(pix), student.eval().encode_image(pix), atol=1e-6)
+    with pytest.raises(ValueError, match="pairing supports"):
+        pair_with_teacher_text(student, object())
