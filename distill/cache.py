@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .data import Rows, as_rows, open_image
+from .data import RawImages, Rows, as_rows, open_image
 from .io import atomic_write_bytes, read_json, write_json
 from .transforms import PreprocessCfg, View, apply_view, crop_resize, eval_view, normalize, random_view
 
@@ -91,18 +91,19 @@ def _np_save(path: Path, array: np.ndarray) -> None:
 class _ViewDataset(torch.utils.data.Dataset):
     """Decodes one image and returns its K views at the teacher's preprocessing."""
 
-    def __init__(self, paths: list[str], keys: list[str], pre: PreprocessCfg, policy: dict[str, Any]):
+    def __init__(self, paths: list[str], keys: list[str], pre: PreprocessCfg, policy: dict[str, Any], reader=None):
         self.paths, self.keys, self.pre, self.policy = paths, keys, pre, policy
+        self.reader = reader or RawImages()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = open_image(self.paths[i])
+            image, size = self.reader.open(self.paths[i])
         except Exception as e:  # missing, truncated or not an image: reported, never fatal
             return {"i": i, "error": f"{type(e).__name__}: {e}"}
-        views = [view_for(self.keys[i], v, *image.size, self.policy) for v in range(self.policy["views"])]
+        views = [view_for(self.keys[i], v, *size, self.policy) for v in range(self.policy["views"])]
         crops = np.stack([crop_resize(image, v, self.pre.image_size, self.pre.interpolation) for v in views])
         # uint8 crosses to the main process (4x less than float); normalised on the teacher's device
         return {"i": i, "pixels": torch.from_numpy(crops).permute(0, 3, 1, 2), "views": np.stack([v.as_array() for v in views])}
@@ -148,6 +149,8 @@ class TeacherService:
         batch_size / num_workers: teacher batch and decoding workers.
         device: where the teacher runs (default: the GPU when there is one).
         amp: bf16/fp16 autocast on the GPU.
+        reader: where image pixels come from: None decodes the files, a ``PackedImages`` store reads
+            pre-resized bytes (``distill data pack``).
 
     Example:
         >>> TeacherService(load_teacher("openclip_vit_b32"), "cache/b32").build("pairs.csv", views=4)
@@ -155,7 +158,7 @@ class TeacherService:
 
     def __init__(self, teacher, cache_dir: str | os.PathLike, dtype: str = "fp16", shard_size: int = 4096,
                  batch_size: int = 256, num_workers: int = 4, device: str | torch.device | None = None,
-                 amp: bool = True, progress: bool = True):
+                 amp: bool = True, progress: bool = True, reader: Any = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use one of {list(DTYPES)}")
         self.teacher = teacher
@@ -163,6 +166,7 @@ class TeacherService:
         self.dtype, self.shard_size, self.batch_size = dtype, shard_size, batch_size
         self.num_workers, self.amp, self.progress = num_workers, amp, progress
         self.device = torch.device(device) if device is not None else _default_device()
+        self.reader = reader  # a PackedImages store: decode-free builds
 
     # the fields a cache and a teacher must agree on
     def expected(self, views: int, seed: int, scale: Sequence[float], ratio: Sequence[float]) -> dict[str, Any]:
@@ -264,7 +268,8 @@ class TeacherService:
         if not shards:
             return 0
         policy = manifest["view_policy"]
-        ds = _ViewDataset([p for p, _ in pending], [k for _, k in pending], self.teacher.preprocess, policy)
+        ds = _ViewDataset([p for p, _ in pending], [k for _, k in pending], self.teacher.preprocess, policy,
+                          self.reader)
         batches = [list(range(b, min(b + self.batch_size, e))) for _, s0, e in shards
                    for b in range(s0, e, self.batch_size)]  # batches never cross a shard boundary
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=_collate,
@@ -540,9 +545,11 @@ class CachedPairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, rows: Rows, image_keys: list[str | None], text_keys: list[str | None],
-                 cache: EmbeddingCache, student_pre: PreprocessCfg | None, augment: bool = True, seed: int = 0):
+                 cache: EmbeddingCache, student_pre: PreprocessCfg | None, augment: bool = True, seed: int = 0,
+                 reader: Any = None):
         self.rows, self.image_keys, self.text_keys = rows, image_keys, text_keys
         self.cache, self.pre, self.augment, self.seed = cache, student_pre, augment, seed
+        self.reader = reader or RawImages()  # or a PackedImages store (views are fractions: same crops)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -556,7 +563,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
                 item["view"] = int(np.random.default_rng([self.seed, epoch, i]).integers(self.cache.views))
             if self.pre is not None:
                 try:
-                    image = open_image(self.rows.images[i])
+                    image, _ = self.reader.open(self.rows.images[i])
                 except Exception as e:  # deleted or broken since the cache was built
                     log.warning("skipping row %d: cannot read image %s (%s)", i, self.rows.images[i], e)
                     return None

@@ -77,6 +77,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--pair-teacher", default=None,
                    help="add this teacher's text tower to an image student (saved/LiT or text: teachers)")
 
+    d = sub.add_parser("data", help="check or pack a data source")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="open every image; report and set aside rows that would fail",
+                         description="Decodes every image fully, in parallel. Rejects missing, empty, corrupt/"
+                         "truncated, too small or too large images and rows with an empty caption; notes CMYK/"
+                         "palette/alpha modes, duplicate images (content hash) and over-long captions. Writes "
+                         "clean.jsonl, rejected.jsonl and report.json into --out. Exit 1 only when no row is usable.")
+    dc.add_argument("source", help="csv/tsv/json/jsonl/txt, a folder, .tar shards or hf:<dataset>")
+    dc.add_argument("--out", default=None)
+    dc.add_argument("--workers", type=int, default=None)
+    dc.add_argument("--min-side", type=int, default=16)
+    dp = dsub.add_parser("pack", help="decode images once into a memory-mapped uint8 store",
+                         description="Squashes every image to SIZE x SIZE uint8 shards (+ index.json with the original "
+                         "sizes); set data.packed=DIR in a recipe (or --packed for cache build) to train on bytes "
+                         "instead of JPEGs. Crops replay exactly: views are fractions of the image.")
+    dp.add_argument("source")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--size", type=int, default=224)
+    dp.add_argument("--workers", type=int, default=None)
+
     v = sub.add_parser("eval", help="evaluate a student against its teacher and write a report",
                        description="Zero-shot top-1/top-5 on a class-folder set (or a CSV with a label column), "
                        "retrieval R@1/5/10 both ways on a caption set, fidelity (mean cosine, top-10 neighbour "
@@ -101,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     cb.add_argument("--teacher", required=True, help="preset, openclip:<arch>, hf:<id|dir> or a saved folder")
     cb.add_argument("--pretrained", help="open_clip pretrained tag or weights file")
     cb.add_argument("--data", required=True, help="csv/tsv/json/jsonl of image,caption or a folder")
+    cb.add_argument("--packed", default=None, help="a store from `distill data pack`: no JPEG decoding")
     cb.add_argument("--out", required=True, help="cache folder")
     cb.add_argument("--views", type=int, default=1, help="views per image: 0 = eval transform, the rest random crops")
     cb.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
@@ -176,6 +197,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    if args.data_command == "check":
+        from .check import check_data
+
+        report = check_data(args.source, args.out, workers=args.workers, min_side=args.min_side)
+        print(report.summary())
+        for r in report.rejected[:20]:
+            print(f"  rejected row {r['row']}: {r['image'] or r['caption']!r}: {r['reason']}")
+        if len(report.rejected) > 20:
+            print(f"  ... {len(report.rejected) - 20} more in {Path(args.out or '.') / 'rejected.jsonl'}")
+        if args.out:
+            print(f"wrote {Path(args.out) / 'clean.jsonl'}, rejected.jsonl and report.json")
+        return 0 if report.clean else 1
+    from .pack import pack_images
+
+    summary = pack_images(args.source, args.out, size=args.size, workers=args.workers)
+    print(f"packed {summary.images} images at {args.size} px into {summary.path} ({summary.bytes / 1e6:.1f} MB); "
+          f"{len(summary.skipped)} unreadable skipped")
+    return 0
+
+
 def cmd_cache(args) -> int:
     from .cache import EmbeddingCache, TeacherService
 
@@ -183,8 +225,13 @@ def cmd_cache(args) -> int:
         from .teachers import load_teacher
 
         teacher = load_teacher(args.teacher, pretrained=args.pretrained)
+        reader = None
+        if args.packed:
+            from .pack import PackedImages
+
+            reader = PackedImages(args.packed)
         service = TeacherService(teacher, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                                 batch_size=args.batch_size, num_workers=args.workers)
+                                 batch_size=args.batch_size, num_workers=args.workers, reader=reader)
         print(service.build(args.data, views=args.views, seed=args.seed).line())
         return 0
     cache = EmbeddingCache.open(args.dir)
@@ -296,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import RecipeError
 
     try:
-        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache, "eval": cmd_eval,
+        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache, "data": cmd_data, "eval": cmd_eval,
                     "list": cmd_list}
         return commands[args.command](args)
     except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:

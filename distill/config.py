@@ -43,6 +43,7 @@ class DataCfg:
     image_column: Optional[str] = None  # column/key holding the image path (auto-detected when None)
     caption_column: Optional[str] = None  # column/key holding the caption (auto-detected when None)
     num_workers: int = 2  # DataLoader workers decoding images
+    packed: Optional[str] = None  # a store from `distill data pack`: read pre-resized bytes, not JPEGs
 
 
 @dataclass

@@ -6,8 +6,13 @@ Row sources:
   * ``.json`` (a list) and ``.jsonl`` of ``{"image": ..., "caption": ...}``; a caption may be a list;
   * a folder with ``metadata.jsonl`` / ``metadata.csv``; a folder of class subfolders
     (captions "a photo of a {class}."); or a plain folder of images (image-only);
-  * a file with only a caption column (text-only).
-Relative image paths resolve against the folder of the file that names them.
+  * a file with only a caption column (text-only), or a ``.txt`` file of one caption per line;
+  * webdataset-style ``.tar`` shards (``key.jpg`` + ``key.txt``/``.caption``/``.json``): one tar,
+    a folder of them, or a glob;
+  * ``hf:<local dataset dir or hub name>[@split]``: a Hugging Face ``datasets`` dataset, with its
+    image and text columns auto-detected or named (``image_column`` / ``caption_column``).
+Relative image paths resolve against the folder of the file that names them. Images inside a tar
+or a dataset are addressed as ``<tar>::<member>`` / ``hf://<source>@<split>#<column>/<row>``.
 """
 from __future__ import annotations
 
@@ -133,7 +138,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def load_rows(source: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None) -> Rows:
     """Read image-caption rows from a file or folder (see the module docstring for formats)."""
+    if str(source).startswith("hf:"):
+        return _load_hf(str(source)[3:], image_column, caption_column)
+    if any(ch in str(source) for ch in "*?[") and str(source).endswith(".tar"):
+        import glob
+
+        return _load_tars(sorted(glob.glob(os.path.expanduser(str(source)))), str(source))
     path = Path(os.path.expanduser(str(source)))
+    if path.suffix.lower() == ".tar" and path.is_file():
+        return _load_tars([str(path)], str(path))
     if not path.exists():
         raise FileNotFoundError(f"data source {str(source)!r} does not exist")
     if path.is_dir():
@@ -158,6 +171,9 @@ def _load_folder(path: Path, image_column: str | None, caption_column: str | Non
     for meta in ("metadata.jsonl", "metadata.csv"):
         if (path / meta).exists():
             return load_rows(path / meta, image_column, caption_column)
+    tars = sorted(str(f) for f in path.glob("*.tar"))
+    if tars and not any(f.suffix.lower() in IMAGE_EXTS for f in path.iterdir()):
+        return _load_tars(tars, str(path))
     subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if subdirs:  # class folders
         images, captions, labels = [], [], []
@@ -173,21 +189,144 @@ def _load_folder(path: Path, image_column: str | None, caption_column: str | Non
     return Rows(files, [None] * len(files), source=str(path))
 
 
+_TEXT_EXTS = (".txt", ".caption", ".cap")
+
+
+def _load_tars(tars: list[str], where: str) -> Rows:
+    """webdataset layout: members sharing a key (``dir/0001.jpg`` + ``dir/0001.txt``) form a sample."""
+    import tarfile
+
+    if not tars:
+        raise FileNotFoundError(f"{where}: no .tar shards")
+    images, captions = [], []
+    for tar_path in tars:
+        samples: dict[str, dict[str, Any]] = {}
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if not m.isfile():
+                    continue
+                key, ext = os.path.splitext(m.name)
+                ext = ext.lower()
+                if ext in IMAGE_EXTS:
+                    samples.setdefault(key, {})["image"] = f"{os.path.abspath(tar_path)}::{m.name}"
+                elif ext in _TEXT_EXTS or ext == ".json":
+                    raw = tar.extractfile(m).read().decode("utf-8")
+                    if ext == ".json":
+                        meta = json.loads(raw)
+                        raw = next((meta[k] for k in CAPTION_KEYS if k in meta), None)
+                    if raw is not None:
+                        samples.setdefault(key, {}).setdefault("captions", [])
+                        samples[key]["captions"] += raw if isinstance(raw, list) else [raw]
+        for key in sorted(samples):
+            s = samples[key]
+            for c in s.get("captions") or [None]:
+                images.append(s.get("image"))
+                captions.append(None if c is None else str(c).strip())
+    return Rows(images, captions, source=where)
+
+
+def _load_hf(spec: str, image_column: str | None, caption_column: str | None) -> Rows:
+    """``hf:<dir or hub name>[@split]``: a Hugging Face dataset (needs ``pip install datasets``)."""
+    from ._imports import require
+
+    require("datasets", "Hugging Face datasets as a data source")
+    source, _, split = spec.partition("@")
+    ds = _hf_dataset(source, split or "train")
+    cols = list(ds.column_names)
+    ik = _pick(cols, image_column, IMAGE_KEYS + ("img",), "image", f"hf:{spec}")
+    ck = _pick(cols, caption_column, CAPTION_KEYS, "caption", f"hf:{spec}")
+    if ik is None and ck is None:
+        raise KeyError(f"hf:{spec}: found neither an image column nor a caption column; columns are {cols}; "
+                       "name them with image_column= / caption_column=")
+    caps = ds[ck] if ck else [None] * len(ds)
+    images, captions = [], []
+    for i, c in enumerate(caps):
+        for one in (c if isinstance(c, list) else [c]):
+            images.append(f"hf://{source}@{split or 'train'}#{ik}/{i}" if ik else None)
+            captions.append(None if one is None else str(one).strip())
+    return Rows(images, captions, source=f"hf:{spec}")
+
+
+_HF_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _hf_dataset(source: str, split: str):
+    key = (source, split)
+    if key not in _HF_CACHE:
+        import datasets
+
+        if os.path.isdir(source):
+            ds = datasets.load_from_disk(source)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(source, split=split)
+        _HF_CACHE[key] = ds
+    return _HF_CACHE[key]
+
+
+_TARS: dict[str, Any] = {}  # open tar handles, one per process (DataLoader workers open their own)
+
+
+def _image_bytes(path: str):
+    """A file-like object for a tar member or a dataset row image; None for a plain path."""
+    import io
+
+    if path.startswith("hf://"):
+        source, _, rest = path[5:].rpartition("@")
+        split, _, col_row = rest.partition("#")
+        col, _, row = col_row.rpartition("/")
+        value = _hf_dataset(source, split)[int(row)][col]
+        if hasattr(value, "convert"):  # datasets.Image decodes to PIL already
+            return value
+        if isinstance(value, dict):
+            value = value.get("bytes") or open(value["path"], "rb").read()
+        return io.BytesIO(value)
+    if "::" in path:
+        import tarfile
+
+        tar_path, member = path.split("::", 1)
+        if tar_path not in _TARS or _TARS[tar_path][0] != os.getpid():
+            _TARS[tar_path] = (os.getpid(), tarfile.open(tar_path))
+        f = _TARS[tar_path][1].extractfile(member)
+        if f is None:
+            raise FileNotFoundError(f"{path}: no such member")
+        return io.BytesIO(f.read())
+    return None
+
+
 def as_rows(data: Any, **kwargs: Any) -> Rows:
     return data if isinstance(data, Rows) else load_rows(data, **kwargs)
 
 
 def open_image(path: str):
-    """Open and fully decode an image (raises on missing/corrupt files)."""
+    """Open and fully decode an image (raises on missing/corrupt files); RGB, alpha on white."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    src = _image_bytes(path) if ("::" in path or path.startswith("hf://")) else None
+    if src is not None and hasattr(src, "convert"):
+        src.load()
+        return _rgb(src)
+    with Image.open(src if src is not None else path) as im:
         im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, im).convert("RGB")
-        return im.convert("RGB")
+        return _rgb(im)
+
+
+def _rgb(im):
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent areas become white, not black
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")  # CMYK, L, I;16 ... -> RGB
+
+
+class RawImages:
+    """Decodes the original files: ``open(path) -> (RGB PIL image, (width, height))``."""
+
+    def open(self, path: str):
+        image = open_image(path)
+        return image, image.size
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -206,8 +345,10 @@ class PairDataset(torch.utils.data.Dataset):
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         seed: int = 0,
+        reader: Any = None,
     ):
         self.rows = rows
+        self.reader = reader or RawImages()  # or a PackedImages store
         self.views = views
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -229,11 +370,11 @@ class PairDataset(torch.utils.data.Dataset):
         path = self.rows.images[i]
         if self.views and path is not None:
             try:
-                image = open_image(path)
-            except Exception as e:  # a bad file must not stop a long run
+                image, size = self.reader.open(path)
+            except Exception as e:  # a bad file (even one deleted mid-run) must not stop a long run
                 log.warning("skipping row %d: cannot read image %s (%s)", i, path, e)
                 return None
-            view = self.view_for(i, epoch, *image.size)
+            view = self.view_for(i, epoch, *size)  # from the original size: packed copies replay the same crop
             item["views"] = {k: apply_view(image, view, cfg) for k, cfg in self.views.items()}
         return item
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _atomic(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,7 +26,7 @@ def _atomic(path: str | Path, write) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

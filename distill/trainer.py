@@ -80,6 +80,15 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def image_reader(data_cfg):
+    """A PackedImages store when the recipe names one (``data.packed``), else None (decode files)."""
+    if not data_cfg.packed:
+        return None
+    from .pack import PackedImages
+
+    return PackedImages(data_cfg.packed)
+
+
 def make_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; ``adamw8bit`` keeps its state in 8 bits (bitsandbytes)."""
     groups = _param_groups(module, cfg.weight_decay)
@@ -365,7 +374,7 @@ class Distiller:
                 "views": r.cache.views, "seed": r.train.seed, "scale": [0.35, 1.0], "ratio": [3 / 4, 4 / 3]}
             service = self._service or TeacherService(
                 teacher, path, dtype=cache.manifest["dtype"] if cache else r.cache.dtype,
-                num_workers=r.data.num_workers, progress=r.train.progress)
+                num_workers=r.data.num_workers, progress=r.train.progress, reader=image_reader(r.data))
             service.build(rows.subset(missing), views=policy["views"], seed=policy["seed"],
                           scale=policy["scale"], ratio=policy["ratio"])
             cache = self._cache = EmbeddingCache.open(path)
@@ -464,7 +473,7 @@ class Distiller:
             tokenizers["teacher"] = teacher.tokenize
             if student.text is not None:
                 tokenizers["student"] = student.tokenize
-        dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed)
+        dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed, image_reader(r.data))
         return dataset, make_collate(tokenizers)
 
     def _cached_data(self, rows: Rows, teacher, student):
@@ -474,7 +483,7 @@ class Distiller:
         cache, rows, image_keys, text_keys = self._prepare_cache(rows, teacher)
         dataset = CachedPairDataset(rows, image_keys, text_keys, cache,
                                     student.preprocess if student.image is not None else None,
-                                    r.data.augment, r.train.seed)
+                                    r.data.augment, r.train.seed, image_reader(r.data))
         tokenizers = {"student": student.tokenize} if student.text is not None and rows.has_text else {}
         return dataset, cached_collate(cache, make_collate(tokenizers)), cache.manifest["teacher"]
 

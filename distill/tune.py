@@ -26,7 +26,7 @@ from torch import nn
 from ._imports import require
 from .config import Recipe, apply_options
 from .data import PairDataset, as_rows, make_collate
-from .trainer import FitResult, TrainLoop, make_loader_factory
+from .trainer import FitResult, TrainLoop, image_reader, make_loader_factory
 
 log = logging.getLogger(__name__)
 LOCKS = ("none", "text", "image", "lora")
@@ -227,7 +227,8 @@ class Tuner:
             trainable = add_lora(model, t.lora_towers, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
             log.info("LoRA: %d trainable tensors", len(trainable))
         table = self._text_table(rows.captions) if t.lock == "text" else None
-        dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed)
+        dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed,
+                              image_reader(r.data))
         collate = make_collate({} if table else {"model": model.tokenize})
         step_module = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, table)
 
