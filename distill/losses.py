@@ -92,9 +92,16 @@ class ContrastiveLoss(nn.Module):
     Row i of the student batch must match row i of the teacher reference batch; every
     other row is a negative. Falls back to the teacher's same-modality embeddings when the
     batch has no other modality (image-only or text-only data).
+
+    ``queue``: keep this many past teacher references as extra negatives for the student rows
+    (MoCo-style; free with a cache, since teacher embeddings never change), so a micro-batch of 32
+    still sees thousands of negatives. Queue entries identical to a row's own reference (repeated
+    captions such as class prompts) are masked, not counted as negatives. Not checkpointed: a resumed
+    run refills it within ``queue / batch`` steps.
     """
 
-    def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0):
+    def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0,
+                 queue: int = 0):
         super().__init__()
         scale = torch.tensor(math.log(1 / init_temperature))
         if learnable:
@@ -102,14 +109,25 @@ class ContrastiveLoss(nn.Module):
         else:
             self.register_buffer("logit_scale", scale)
         self.max_scale = max_scale
+        self.queue_size = int(queue)
+        self._queues: dict[int, torch.Tensor] = {}
 
     def forward(self, e: Embeddings) -> torch.Tensor:
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         terms = []
-        for s, _, ref in e.cross_pairs():
-            logits = scale * s @ ref.t()
+        for k, (s, _, ref) in enumerate(e.cross_pairs()):
             target = torch.arange(len(s), device=s.device)
-            terms.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
+            logits = scale * s @ ref.t()
+            reverse = F.cross_entropy(logits.t(), target)
+            q = self._queues.get(k)
+            if q is not None and q.shape[-1] == ref.shape[-1]:
+                q = q.to(s.device)
+                same = (ref @ q.t()) > 0.9999  # the row's own reference, repeated
+                logits = torch.cat([logits, (scale * s @ q.t()).masked_fill(same, float("-inf"))], dim=1)
+            terms.append((F.cross_entropy(logits, target) + reverse) / 2)
+            if self.queue_size and self.training:
+                new = ref.detach() if q is None else torch.cat([ref.detach(), q])
+                self._queues[k] = new[: self.queue_size]
         return _mean(terms)
 
 

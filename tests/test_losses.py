@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distill.losses import AffinityLoss, ContrastiveLoss, CosineLoss, DistillLoss, Embeddings, MSELoss, SmoothL1Loss
 
@@ -62,3 +63,27 @@ def test_weighted_sum_and_errors():
         DistillLoss({"cosin": 1.0})
     with pytest.raises(ValueError, match="every weight is zero"):
         DistillLoss({"cosine": 0.0})
+
+
+def test_contrastive_queue_adds_cached_negatives():
+    from distill.losses import ContrastiveLoss, Embeddings
+
+    torch.manual_seed(0)
+    loss = ContrastiveLoss(queue=6)
+    t_txt = F.normalize(torch.randn(4, 8), dim=-1)
+    s_img = t_txt + 0.3 * torch.randn(4, 8)
+    first = loss(Embeddings(s_img=s_img, t_txt=t_txt))
+    assert loss._queues[0].shape == (4, 8)
+    # a row's own reference in the queue (a repeated caption) is masked, not a false negative
+    prompt = t_txt[:1].repeat(4, 1)
+    q = ContrastiveLoss(queue=8)
+    q(Embeddings(s_img=s_img, t_txt=prompt))
+    assert torch.allclose(q(Embeddings(s_img=s_img, t_txt=prompt)), ContrastiveLoss()(Embeddings(s_img=s_img, t_txt=prompt)))
+    other = F.normalize(torch.randn(4, 8), dim=-1)
+    loss(Embeddings(s_img=other, t_txt=other))
+    assert loss._queues[0].shape == (6, 8)  # FIFO capped at the queue size, newest first
+    assert torch.allclose(loss._queues[0][:4], other)
+    harder = loss(Embeddings(s_img=s_img, t_txt=t_txt))
+    assert harder > first  # more negatives
+    no_queue = ContrastiveLoss()
+    assert torch.allclose(no_queue(Embeddings(s_img=s_img, t_txt=t_txt)), first)

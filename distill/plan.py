@@ -1,0 +1,208 @@
+"""``distill plan``: what batch size, accumulation and checkpointing fit a VRAM budget.
+
+A short probe builds the recipe's student and runs training steps on random inputs (224 px images
+or full-length token sequences, teacher targets as from the cache, since cached training keeps no
+teacher on the GPU) at two micro-batch sizes, with and without gradient checkpointing:
+
+* on a GPU it reads ``torch.cuda.max_memory_allocated`` (what the step really takes), then checks
+  the chosen size with one real step;
+* on a CPU it uses a documented formula: ``params x 16 B`` (fp32 weights, gradients and AdamW's two
+  moments; 8-bit AdamW: ``params x 10 B``) ``+ batch x activations per sample`` (the bytes autograd
+  saves for backward, counted with ``saved_tensors_hooks``; halved under bf16/fp16 autocast)
+  ``+ 10%`` allocator slack.
+
+Peak memory is affine in the micro-batch, so two probes give the per-sample and fixed parts.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import Recipe
+
+CANDIDATES = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def parse_size(text: str) -> int:
+    """``"8GB"``, ``"8 GiB"``, ``"7.5G"``, ``"8000MB"`` -> bytes (GB taken as GiB, as GPUs are sold)."""
+    t = text.strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"--vram {text!r}: use a size such as 8GB, 12GiB or 7500MB") from None
+
+
+@dataclass
+class Probe:
+    checkpointing: bool
+    fixed_bytes: float  # weights, gradients, optimiser state, workspace
+    per_sample_bytes: float
+    step_s_per_sample: float
+    measured: str  # "cuda" or "formula"
+
+    def peak(self, batch: int) -> float:
+        return self.fixed_bytes + batch * self.per_sample_bytes
+
+    def max_batch(self, budget: float) -> int:
+        return next((b for b in CANDIDATES if self.peak(b) <= budget), 0)
+
+
+@dataclass
+class Plan:
+    budget: int
+    effective_batch: int
+    probes: list[Probe] = field(default_factory=list)
+    batch_size: int = 0
+    grad_accum: int = 1
+    checkpointing: bool = False
+    queue: int = 0
+    note: str = ""
+
+    def overrides(self) -> str:
+        out = f"train.batch_size={self.batch_size} train.grad_accum={self.grad_accum}"
+        if self.checkpointing:
+            out += " train.grad_checkpointing=true"
+        if self.queue:
+            out += f" loss.kwargs.contrastive.queue={self.queue}"
+        return out
+
+    def table(self) -> str:
+        lines = [f"budget {self.budget / 2**30:.1f} GiB, effective batch {self.effective_batch}",
+                 f"{'checkpointing':14} {'fixed MiB':>10} {'MiB/sample':>11} {'max batch':>10} {'ms/sample':>10} {'how':>8}"]
+        for p in self.probes:
+            lines.append(f"{str(p.checkpointing):14} {p.fixed_bytes / 2**20:10.0f} {p.per_sample_bytes / 2**20:11.2f} "
+                         f"{p.max_batch(self.budget):10d} {p.step_s_per_sample * 1000:10.2f} {p.measured:>8}")
+        return "\n".join(lines)
+
+
+def _inputs(student, batch: int, device):
+    if student.image is not None:
+        s = student.preprocess.image_size
+        return {"pixels": torch.randn(batch, 3, s, s, device=device)}
+    ctx = student.text.context_length
+    ids = torch.randint(1000, 2000, (batch, ctx), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _step(student, loss_fn, inputs, embed_dim: int, amp: torch.dtype | None):
+    from .losses import Embeddings
+
+    device = next(student.parameters()).device
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if "pixels" in inputs:
+            s = student.image_features(inputs["pixels"])
+            e = Embeddings(s_img=s, t_img=torch.randn_like(s.float()), t_txt=torch.randn_like(s.float()))
+        else:
+            s = student.text(inputs["input_ids"], inputs["attention_mask"])
+            e = Embeddings(s_txt=s, t_txt=torch.randn_like(s.float()))
+        loss, _ = loss_fn(e)
+    return loss
+
+
+def _saved_bytes(student, loss_fn, inputs, embed_dim, amp) -> int:
+    """Bytes autograd keeps for backward (each storage counted once)."""
+    seen: dict[Any, int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _step(student, loss_fn, inputs, embed_dim, amp)
+    loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in student.parameters()}  # counted with the weights
+    return sum(v for (ptr, _), v in seen.items() if ptr not in params)
+
+
+def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: int | None = None,
+          batches: tuple[int, int] = (4, 8)) -> list[Probe]:
+    """Measure fixed and per-sample memory and time, without and with gradient checkpointing."""
+    from .losses import DistillLoss
+    from .students import create_student
+    from .teachers import TEACHERS
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if embed_dim is None:
+        name = recipe.teacher.name
+        embed_dim = int(TEACHERS.meta(name).get("embed_dim", 512)) if name in TEACHERS else 512
+    kwargs = dict(recipe.student.kwargs)
+    kwargs.pop("pretrained", None)  # the probe needs shapes, not weights (no hub here)
+    if recipe.data.image_size is not None and "+" not in recipe.student.name:
+        kwargs.setdefault("image_size", recipe.data.image_size)
+    prec = recipe.train.precision
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    if prec == "auto" and device.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    opt_bytes = 10 if recipe.optim.optimizer == "adamw8bit" else 16
+    out = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        student = create_student(recipe.student.name, embed_dim=embed_dim, **kwargs).to(device).train()
+        if ckpt and not student.set_grad_checkpointing(True):
+            continue
+        if recipe.train.channels_last:
+            student.to(memory_format=torch.channels_last)
+        loss_fn = DistillLoss(recipe.loss.weights, recipe.loss.kwargs).to(device)
+        n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        peaks, times = [], []
+        for b in batches:
+            inputs = _inputs(student, b, device)
+            if device.type == "cuda":
+                _step(student, loss_fn, inputs, embed_dim, amp).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                tic = time.perf_counter()
+                _step(student, loss_fn, inputs, embed_dim, amp).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - tic)
+                peaks.append(torch.cuda.max_memory_allocated())
+            else:
+                tic = time.perf_counter()
+                saved = _saved_bytes(student, loss_fn, inputs, embed_dim, None)
+                times.append(time.perf_counter() - tic)
+                student.zero_grad(set_to_none=True)
+                scale = 0.5 if amp is not None else 1.0
+                peaks.append(1.1 * (n_params * opt_bytes + saved * scale))
+        per_sample = max((peaks[1] - peaks[0]) / (batches[1] - batches[0]), 1.0)
+        fixed = max(peaks[0] - per_sample * batches[0], 0.0)
+        out.append(Probe(ckpt, fixed, per_sample, times[1] / batches[1], "cuda" if device.type == "cuda" else "formula"))
+        del student, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def make_plan(recipe: Recipe, vram: str | int, device: str | None = None, effective_batch: int | None = None) -> Plan:
+    """Pick micro-batch, accumulation and checkpointing for ``vram`` (bytes or ``"8GB"``)."""
+    budget = parse_size(vram) if isinstance(vram, str) else int(vram)
+    target = effective_batch or recipe.train.batch_size * recipe.train.grad_accum
+    plan = Plan(int(budget * 0.92), target)  # headroom for fragmentation and the data pipeline
+    plan.probes = probe(recipe, device)
+    fits = [(p, min(p.max_batch(plan.budget), target)) for p in plan.probes]
+    fits = [(p, b) for p, b in fits if b > 0]
+    if not fits:
+        plan.note = "even a micro-batch of 1 does not fit: use a smaller student or image size"
+        return plan
+    # without checkpointing when a micro-batch of 64+ fits (it costs ~30% time), else the biggest batch
+    plain = next(((p, b) for p, b in fits if not p.checkpointing and b >= min(64, target)), None)
+    best, batch = plain or max(fits, key=lambda pb: pb[1])
+    plan.checkpointing, plan.batch_size = best.checkpointing, batch
+    plan.grad_accum = math.ceil(target / batch)
+    if recipe.loss.weights.get("contrastive") and plan.grad_accum > 1:
+        plan.queue = target * 4  # cached teacher embeddings as negatives: the batch's share and more
+    plan.note = (f"peak ~{best.peak(batch) / 2**30:.2f} GiB at micro-batch {batch}; "
+                 f"~{best.step_s_per_sample * target:.2f} s per optimiser step of {target} on this device")
+    return plan
