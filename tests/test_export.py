@@ -144,3 +144,15 @@ def test_image_student_paired_with_teacher_text_tower(tmp_path):
         assert torch.allclose(paired.encode_image(pix), student.eval().encode_image(pix), atol=1e-6)
     with pytest.raises(ValueError, match="pairing supports"):
         pair_with_teacher_text(student, object())
+
+
+def test_export_cli_onnx_and_gate_exit_code(pair, tmp_path, capsys):
+    from distill.cli import main
+
+    _, folder = pair
+    assert main(["export", str(folder), "--format", "onnx-int8", "--towers", "text", "--out", str(tmp_path / "q")]) == 0
+    assert "text: mean cosine to PyTorch" in capsys.readouterr().out
+    assert (tmp_path / "q" / "tokenizer" / "tokenizer.json").exists() and not (tmp_path / "q" / "image.onnx").exists()
+    # an impossible threshold: the gate fails with exit code 3 and still leaves the parity table
+    assert main(["export", str(folder), "--format", "onnx-fp16", "--threshold", "1.01", "--out", str(tmp_path / "g")]) == 3
+    assert (tmp_path / "g" / "parity.md").exists()
