@@ -47,7 +47,7 @@ TEMPLATE = "a photo of a {}."
 MODES = {
     "quick": {
         # 2 CPU cores: the text students start from the teacher's first layers (DistilBERT-style)
-        "text_steps": 150, "text_batch": 128, "text_lr": 2e-4,
+        "text_steps": 300, "text_batch": 128, "text_lr": 3e-4,
         "text_students": {
             "bert_small": {"pretrained": "minilm", "num_layers": 4},
             "bert_small_2l": {"pretrained": "minilm", "num_layers": 2},

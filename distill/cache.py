@@ -32,7 +32,7 @@ import torch
 
 from .data import RawImages, Rows, as_rows, open_image
 from .io import atomic_write_bytes, read_json, write_json
-from .transforms import PreprocessCfg, View, apply_view, crop_resize, eval_view, normalize, random_view
+from .transforms import PreprocessCfg, View, apply_view, crop_resize, crop_uint8, eval_view, normalize, random_view
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +567,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
                 except Exception as e:  # deleted or broken since the cache was built
                     log.warning("skipping row %d: cannot read image %s (%s)", i, self.rows.images[i], e)
                     return None
-                item["views"] = {"student": apply_view(image, self.cache.view(item["image_key"], item["view"]), self.pre)}
+                item["views"] = {"student": crop_uint8(image, self.cache.view(item["image_key"], item["view"]), self.pre)}
         return item
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .transforms import PreprocessCfg, View, apply_view, eval_view, random_view
+from .transforms import PreprocessCfg, View, crop_uint8, eval_view, random_view
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,11 @@ class RawImages:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Serves rows as ``{"index", "caption", "views": {key: tensor}}``.
+    """Serves rows as ``{"index", "caption", "views": {key: uint8 [3, S, S]}}``.
 
     ``views`` maps a key ("student", "teacher") to a PreprocessCfg; each key receives the
-    *same* crop of the image at its own size and normalisation. The crop for item ``i`` in
+    *same* crop of the image at its own size (its normalisation is applied on the device, by the
+    step module, with ``transforms.normalize``). The crop for item ``i`` in
     epoch ``e`` depends only on (seed, e, i), so a resumed run replays identical crops.
     Sampler indices encode the epoch: ``epoch * len(rows) + i``.
     """
@@ -375,7 +376,7 @@ class PairDataset(torch.utils.data.Dataset):
                 log.warning("skipping row %d: cannot read image %s (%s)", i, path, e)
                 return None
             view = self.view_for(i, epoch, *size)  # from the original size: packed copies replay the same crop
-            item["views"] = {k: apply_view(image, view, cfg) for k, cfg in self.views.items()}
+            item["views"] = {k: crop_uint8(image, view, cfg) for k, cfg in self.views.items()}
         return item
 
 

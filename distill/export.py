@@ -107,6 +107,12 @@ class _Reader:
 def _to_int8(src: Path, dst: Path, tower: str, calibration: np.ndarray | None, static: bool) -> str:
     require("onnxruntime", "INT8 export")
     from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # folds constants (BatchNorm into Conv) so every weight is an initializer, and infers shapes
+    pre = src.with_name(f"{src.stem}.pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    src = pre
     if static and tower == "image":
         if calibration is None or not len(calibration):
             raise ValueError("static INT8 needs calibration images (--data)")

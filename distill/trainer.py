@@ -25,6 +25,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Recipe, apply_options, save_recipe
 from .data import EpochBatchSampler, PairDataset, Rows, as_rows, make_collate
 from .losses import DistillLoss, Embeddings
+from .transforms import normalize
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +501,8 @@ class DistillStep(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.loss_device
-        pix = {k: v.to(dev, non_blocking=True) for k, v in batch.get("views", {}).items()}
+        pre = {"student": self.student.preprocess, "teacher": getattr(self._teacher[0], "preprocess", None)}
+        pix = {k: normalize(v.to(dev, non_blocking=True), pre[k]) for k, v in batch.get("views", {}).items()}
         e = Embeddings()
         if "teacher_emb" in batch:  # read from the cache
             cached = {k: v.to(dev, non_blocking=True) for k, v in batch["teacher_emb"].items()}

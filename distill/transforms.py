@@ -111,6 +111,14 @@ def apply_view(image, view: View, cfg: PreprocessCfg) -> "torch.Tensor":
     return to_tensor(crop_resize(image, view, cfg.image_size, cfg.interpolation), cfg)
 
 
+def crop_uint8(image, view: View, cfg: PreprocessCfg) -> "torch.Tensor":
+    """``apply_view`` without the normalisation: uint8 [3, S, S]. DataLoader workers send these (4x
+    fewer bytes than float, no per-pixel float work there); ``normalize`` runs on the device."""
+    import torch
+
+    return torch.from_numpy(crop_resize(image, view, cfg.image_size, cfg.interpolation)).permute(2, 0, 1)
+
+
 def normalize(pixels: "torch.Tensor", cfg: PreprocessCfg) -> "torch.Tensor":
     """uint8 [N, 3, S, S] (on any device) -> normalised float, as ``to_tensor`` does per image."""
     import torch

@@ -27,6 +27,7 @@ from ._imports import require
 from .config import Recipe, apply_options
 from .data import PairDataset, as_rows, make_collate
 from .trainer import FitResult, TrainLoop, image_reader, make_loader_factory
+from .transforms import normalize
 
 log = logging.getLogger(__name__)
 LOCKS = ("none", "text", "image", "lora")
@@ -111,7 +112,7 @@ class TuneStep(nn.Module):
         if frozen is not None:
             frozen.eval()  # no dropout / statistics updates in the locked tower
         dev = self.loss.logit_scale.device
-        pix = batch["views"]["model"].to(dev, non_blocking=True)
+        pix = normalize(batch["views"]["model"].to(dev, non_blocking=True), model.preprocess)
         with torch.set_grad_enabled(lock != "image"):
             img = model.image_features(pix)
         if self.text_table is not None:
