@@ -52,9 +52,9 @@ MODES = {
             "bert_small": {"pretrained": "minilm", "num_layers": 4},
             "bert_small_2l": {"pretrained": "minilm", "num_layers": 2},
         },
-        "teacher_tower": ("timm:resnet18", {}), "teacher_size": 32, "teacher_steps": 500,
+        "teacher_tower": ("timm:resnet18", {}), "teacher_size": 32, "teacher_steps": 450,
         "teacher_batch": 256, "teacher_lr": 2e-3, "queue": 4096,
-        "student_size": 32, "student_steps": 250, "student_batch": 256, "student_lr": 2e-3, "views": 2,
+        "student_size": 32, "student_steps": 200, "student_batch": 256, "student_lr": 2e-3, "views": 2,
         "image_students": {
             "vit_tiny": {"model_kwargs": {"patch_size": 8}},  # 4x4 tokens at 32 px
             "resnet18": {},
