@@ -85,6 +85,29 @@ class SmoothL1Loss(nn.Module):
         return _mean([F.smooth_l1_loss(s, t, beta=self.beta) for s, t in e.pairs()])
 
 
+class EmbeddingQueue:
+    """FIFO of the latest ``size`` embeddings (normalised, no gradients), newest first, with
+    optional ids (e.g. caption ids, so repeats of a row's own target can be recognised)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.emb: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+
+    def get(self, side: str):
+        """``(side, embeddings, ids)`` as ``tune.clip_loss`` takes it, or None while empty."""
+        return None if self.emb is None else (side, self.emb, self.ids)
+
+    def push(self, emb: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        emb = F.normalize(emb.detach().float(), dim=-1)
+        ids = None if ids is None else ids.to(emb.device)
+        if self.emb is not None:
+            emb = torch.cat([emb, self.emb])
+            ids = None if ids is None else torch.cat([ids, self.ids])
+        self.emb = emb[: self.size]
+        self.ids = None if ids is None else ids[: self.size]
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE between student embeddings and the teacher's embeddings of the paired
     other modality (student image <-> teacher text), with a learnable temperature.
@@ -110,7 +133,7 @@ class ContrastiveLoss(nn.Module):
             self.register_buffer("logit_scale", scale)
         self.max_scale = max_scale
         self.queue_size = int(queue)
-        self._queues: dict[int, torch.Tensor] = {}
+        self._queues: dict[int, EmbeddingQueue] = {}  # one per (student, reference) pair
 
     def forward(self, e: Embeddings) -> torch.Tensor:
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
@@ -120,14 +143,13 @@ class ContrastiveLoss(nn.Module):
             logits = scale * s @ ref.t()
             reverse = F.cross_entropy(logits.t(), target)
             q = self._queues.get(k)
-            if q is not None and q.shape[-1] == ref.shape[-1]:
-                q = q.to(s.device)
-                same = (ref @ q.t()) > 0.9999  # the row's own reference, repeated
-                logits = torch.cat([logits, (scale * s @ q.t()).masked_fill(same, float("-inf"))], dim=1)
+            if q is not None and q.emb.shape[-1] == ref.shape[-1]:
+                past = q.emb.to(s.device)
+                same = (ref @ past.t()) > 0.9999  # the row's own reference, repeated
+                logits = torch.cat([logits, (scale * s @ past.t()).masked_fill(same, float("-inf"))], dim=1)
             terms.append((F.cross_entropy(logits, target) + reverse) / 2)
             if self.queue_size and self.training:
-                new = ref.detach() if q is None else torch.cat([ref.detach(), q])
-                self._queues[k] = new[: self.queue_size]
+                self._queues.setdefault(k, EmbeddingQueue(self.queue_size)).push(ref)
         return _mean(terms)
 
 

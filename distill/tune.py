@@ -26,6 +26,7 @@ from torch import nn
 from ._imports import require
 from .config import Recipe, apply_options
 from .data import PairDataset, as_rows, make_collate
+from .losses import EmbeddingQueue
 from .trainer import FitResult, TrainLoop, image_reader, make_loader_factory
 from .transforms import normalize
 
@@ -71,24 +72,6 @@ class _Temperature(nn.Module):
     def __init__(self, init: float):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init)))
-
-
-class EmbeddingQueue:
-    """FIFO of the locked tower's latest embeddings (no gradients) and their caption ids."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.emb: torch.Tensor | None = None
-        self.ids: torch.Tensor | None = None
-
-    def get(self, side: str):
-        return None if self.emb is None else (side, self.emb, self.ids)
-
-    def push(self, emb: torch.Tensor, ids: torch.Tensor) -> None:
-        emb, ids = F.normalize(emb.detach().float(), dim=-1), ids.to(emb.device)
-        if self.emb is not None:
-            emb, ids = torch.cat([emb, self.emb]), torch.cat([ids, self.ids])
-        self.emb, self.ids = emb[: self.size], ids[: self.size]
 
 
 class TuneStep(nn.Module):

@@ -73,7 +73,7 @@ def test_contrastive_queue_adds_cached_negatives():
     t_txt = F.normalize(torch.randn(4, 8), dim=-1)
     s_img = t_txt + 0.3 * torch.randn(4, 8)
     first = loss(Embeddings(s_img=s_img, t_txt=t_txt))
-    assert loss._queues[0].shape == (4, 8)
+    assert loss._queues[0].emb.shape == (4, 8)
     # a row's own reference in the queue (a repeated caption) is masked, not a false negative
     prompt = t_txt[:1].repeat(4, 1)
     q = ContrastiveLoss(queue=8)
@@ -81,8 +81,8 @@ def test_contrastive_queue_adds_cached_negatives():
     assert torch.allclose(q(Embeddings(s_img=s_img, t_txt=prompt)), ContrastiveLoss()(Embeddings(s_img=s_img, t_txt=prompt)))
     other = F.normalize(torch.randn(4, 8), dim=-1)
     loss(Embeddings(s_img=other, t_txt=other))
-    assert loss._queues[0].shape == (6, 8)  # FIFO capped at the queue size, newest first
-    assert torch.allclose(loss._queues[0][:4], other)
+    assert loss._queues[0].emb.shape == (6, 8)  # FIFO capped at the queue size, newest first
+    assert torch.allclose(loss._queues[0].emb[:4], other)
     harder = loss(Embeddings(s_img=s_img, t_txt=t_txt))
     assert harder > first  # more negatives
     no_queue = ContrastiveLoss()
