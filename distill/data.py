@@ -233,7 +233,7 @@ def _load_hf(spec: str, image_column: str | None, caption_column: str | None) ->
     source, _, split = spec.partition("@")
     ds = _hf_dataset(source, split or "train")
     cols = list(ds.column_names)
-    ik = _pick(cols, image_column, IMAGE_KEYS + ("img",), "image", f"hf:{spec}")
+    ik = _pick(cols, image_column, IMAGE_KEYS, "image", f"hf:{spec}")
     ck = _pick(cols, caption_column, CAPTION_KEYS, "caption", f"hf:{spec}")
     if ik is None and ck is None:
         raise KeyError(f"hf:{spec}: found neither an image column nor a caption column; columns are {cols}; "

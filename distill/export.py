@@ -9,7 +9,6 @@ writes the parity table (``parity.json`` / ``parity.md``) into the export folder
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ._imports import require
 from .io import atomic_write_text, write_json
@@ -51,15 +49,6 @@ class ExportResult:
 
 
 # -- graphs ---------------------------------------------------------------------------------
-class _TextGraph(nn.Module):
-    def __init__(self, tower):
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, input_ids, attention_mask):
-        return self.tower(input_ids, attention_mask)
-
-
 def _export_onnx(student, folder: Path, towers: Sequence[str], opset: int) -> dict[str, Path]:
     """FP32 ONNX graphs with a dynamic batch (and sequence) axis; outputs are unnormalised."""
     import warnings
@@ -77,7 +66,7 @@ def _export_onnx(student, folder: Path, towers: Sequence[str], opset: int) -> di
         if "text" in towers:
             tok = student.tokenize(["a photo of a dog", "two children playing on the beach at sunset"])
             paths["text"] = folder / "text.onnx"
-            torch.onnx.export(_TextGraph(student.text), (tok["input_ids"], tok["attention_mask"]), str(paths["text"]),
+            torch.onnx.export(student.text, (tok["input_ids"], tok["attention_mask"]), str(paths["text"]),
                               input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                               opset_version=opset, dynamo=False,
                               dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},

@@ -91,7 +91,7 @@ def _inputs(student, batch: int, device):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _step(student, loss_fn, inputs, embed_dim: int, amp: torch.dtype | None):
+def _step(student, loss_fn, inputs, amp: torch.dtype | None):
     from .losses import Embeddings
 
     device = next(student.parameters()).device
@@ -106,7 +106,7 @@ def _step(student, loss_fn, inputs, embed_dim: int, amp: torch.dtype | None):
     return loss
 
 
-def _saved_bytes(student, loss_fn, inputs, embed_dim, amp) -> int:
+def _saved_bytes(student, loss_fn, inputs, amp) -> int:
     """Bytes autograd keeps for backward (each storage counted once)."""
     seen: dict[Any, int] = {}
 
@@ -116,7 +116,7 @@ def _saved_bytes(student, loss_fn, inputs, embed_dim, amp) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _step(student, loss_fn, inputs, embed_dim, amp)
+        loss = _step(student, loss_fn, inputs, amp)
     loss.backward()
     params = {p.untyped_storage().data_ptr() for p in student.parameters()}  # counted with the weights
     return sum(v for (ptr, _), v in seen.items() if ptr not in params)
@@ -157,13 +157,13 @@ def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: i
         for b in batches:
             inputs = _inputs(student, b, device)
             if device.type == "cuda":
-                _step(student, loss_fn, inputs, embed_dim, amp).backward()
+                _step(student, loss_fn, inputs, amp).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 tic = time.perf_counter()
-                _step(student, loss_fn, inputs, embed_dim, amp).backward()
+                _step(student, loss_fn, inputs, amp).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
@@ -171,7 +171,7 @@ def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: i
                 peaks.append(torch.cuda.max_memory_allocated())
             else:
                 tic = time.perf_counter()
-                saved = _saved_bytes(student, loss_fn, inputs, embed_dim, None)
+                saved = _saved_bytes(student, loss_fn, inputs, None)
                 times.append(time.perf_counter() - tic)
                 student.zero_grad(set_to_none=True)
                 scale = 0.5 if amp is not None else 1.0
