@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .data import RawImages, Rows, as_rows, open_image
-from .io import atomic_write_bytes, read_json, write_json
+from .io import atomic_write_bytes, read_format_json, read_json, write_json
 from .transforms import PreprocessCfg, View, apply_view, crop_resize, crop_uint8, eval_view, normalize, random_view
 
 log = logging.getLogger(__name__)
@@ -428,11 +428,7 @@ class EmbeddingCache:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "EmbeddingCache":
         path = Path(path)
-        if not (path / "manifest.json").exists():
-            raise FileNotFoundError(f"{path}: no manifest.json; build it with `distill cache build`")
-        manifest = read_json(path / "manifest.json")
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        manifest = read_format_json(path / "manifest.json", FORMAT, "build it with `distill cache build`")
         if not manifest.get("complete"):
             raise ValueError(f"{path}: the build did not finish; run `distill cache build` again to resume it")
         cache = cls(path, manifest)

@@ -41,6 +41,18 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_format_json(path: str | Path, expected: str, hint: str) -> Any:
+    """Read a JSON file that names its ``format``: fails naming the folder when it is missing
+    (with ``hint`` on what makes one) and naming the file when it holds another format."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent}: no {path.name}; {hint}")
+    data = read_json(path)
+    if data.get("format") != expected:
+        raise ValueError(f"{path}: format {data.get('format')!r}, expected {expected!r}")
+    return data
+
+
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """safetensors file written atomically (tensors made contiguous and detached)."""
     from safetensors.torch import save

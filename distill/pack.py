@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .data import as_rows, open_image
-from .io import read_json, write_json
+from .io import read_format_json, write_json
 
 log = logging.getLogger(__name__)
 PACK_FORMAT = "clip-distill-pack/1"
@@ -95,9 +95,7 @@ class PackedImages:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        meta = read_json(self.folder / "index.json")
-        if meta.get("format") != PACK_FORMAT:
-            raise ValueError(f"{self.folder}: not a packed image store (format {meta.get('format')!r})")
+        meta = read_format_json(self.folder / "index.json", PACK_FORMAT, "make one with `distill data pack`")
         self.size = int(meta["size"])
         self.index: dict[str, list[int]] = meta["images"]
         self._shards: dict[int, np.ndarray] = {}

@@ -11,13 +11,13 @@ and/or ``text.onnx``, ``onnx_config.json`` and, for a text tower, its ``tokenize
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .io import read_format_json
 from .transforms import PreprocessCfg, eval_array
 
 ONNX_FORMAT = "clip-distill-onnx/1"
@@ -41,12 +41,8 @@ class OnnxStudent:
         import onnxruntime as ort
 
         self.path = Path(path)
-        cfg_file = self.path / "onnx_config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file}: not an ONNX export folder (run distill export --format onnx)")
-        self.config: dict[str, Any] = json.loads(cfg_file.read_text())
-        if self.config.get("format") != ONNX_FORMAT:
-            raise ValueError(f"{cfg_file}: format {self.config.get('format')!r}, expected {ONNX_FORMAT!r}")
+        self.config: dict[str, Any] = read_format_json(self.path / "onnx_config.json", ONNX_FORMAT,
+                                                       "not an ONNX export folder (run distill export --format onnx)")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

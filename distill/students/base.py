@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..io import load_tensors, read_format_json, save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
 
@@ -201,11 +201,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     from .text import build_text_tower_from_folder
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json; is this a saved student folder?")
-    cfg = read_json(path / "config.json")
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path / 'config.json'}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    cfg = read_format_json(path / "config.json", FORMAT, "is this a saved student folder?")
     embed_dim = int(cfg["embed_dim"])
     image = text = None
     if "image" in cfg:
