@@ -37,7 +37,7 @@ from distill import Distiller, Tuner, create_student, load_teacher
 from distill.cache import TeacherService
 from distill.data import Rows, load_rows
 from distill.eval import (caption_pairs, caption_retrieval, count_params, embed_images, embed_texts, fidelity,
-                          retrieval_recall, zero_shot_accuracy)
+                          images_per_second, retrieval_recall, zero_shot_accuracy)
 from distill.students import load_student
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,11 +220,8 @@ def image_track(cfg: dict, assets: Path, work: Path, device: str, workers: int) 
                       crop_scale=(0.6, 1.0), checkpoint_every=400, resume=True).fit(images_only)
         student = on(load_student(run / "student"), device)
         s = measure(student)
-        size = student.preprocess.image_size
-        x = torch.randn(256, 3, size, size, device=device)
-        with torch.no_grad():
-            student.encode_image(x)
-            rate = per_second(lambda: [student.encode_image(x) for _ in range(3)], 3 * 256)
+        rate = images_per_second(student.encode_image, student.preprocess.image_size, batch_size=256, iters=3,
+                                 device=device)
         params = count_params(student.image)
         out["students"][name] = {"params_image": params, "zero_shot_top1": s["zero_shot_top1"],
                                  "i2t_r1": s["i2t_r1"], "fidelity": fidelity(s["img"], t["img"]), "per_s": rate}
