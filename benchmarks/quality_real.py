@@ -247,7 +247,11 @@ def extra_sets(args, image_models: dict, text_models: dict, teacher) -> dict:
         t_txt = embed_texts(teacher, texts)
         res = {name: {k: v for k, v in retrieval_recall(embed_images(m, images, 64), t_txt, pairs, (1, 5)).items()}
                for name, m in image_models.items()}
-        groups = [i for i, _ in sorted(pairs, key=lambda p: p[1])]
+        # the photo of each (unique) caption; a caption shared by two photos keeps the first
+        photo_of: dict[int, int] = {}
+        for i, j in pairs:
+            photo_of.setdefault(j, i)
+        groups = [photo_of[j] for j in range(len(texts))]
         for name, m in text_models.items():
             res[f"text:{name}"] = {f"c2c_{k}": v for k, v in caption_retrieval(embed_texts(m, texts), groups).items()}
         extra[Path(args.eval_captions).stem] = res
