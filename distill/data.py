@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .transforms import PreprocessCfg, View, crop_uint8, eval_view, random_view
+from .transforms import PreprocessCfg, View, crop_uint8, eval_view, random_view, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -305,20 +305,10 @@ def open_image(path: str):
     src = _image_bytes(path) if ("::" in path or path.startswith("hf://")) else None
     if src is not None and hasattr(src, "convert"):
         src.load()
-        return _rgb(src)
+        return to_rgb(src)
     with Image.open(src if src is not None else path) as im:
         im.load()
-        return _rgb(im)
-
-
-def _rgb(im):
-    from PIL import Image
-
-    if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent areas become white, not black
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")  # CMYK, L, I;16 ... -> RGB
+        return to_rgb(im)
 
 
 class RawImages:

