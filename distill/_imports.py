@@ -5,6 +5,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from .errors import MissingDependencyError
+
 _HINTS = {
     "open_clip": "pip install open_clip_torch",
     "transformers": "pip install transformers",
@@ -26,4 +28,4 @@ def require(module: str, why: str = "") -> ModuleType:
     except ImportError as e:
         hint = _HINTS.get(module.split(".")[0], f"pip install {module}")
         reason = f" for {why}" if why else ""
-        raise ImportError(f"{module} is needed{reason}: {hint}") from e
+        raise MissingDependencyError(f"{module} is needed{reason}: {hint}") from e

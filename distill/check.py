@@ -4,7 +4,9 @@ Rejected rows (written to ``rejected.jsonl`` with their reason): missing files, 
 files, corrupt or truncated images, images too small or too large to use, rows without a caption
 in caption data. Reported but kept (``report.json`` notes): CMYK / palette / alpha / grey modes
 (converted to RGB, alpha onto white), duplicate images by content hash, over-long captions
-(truncated by the tokenizer). ``clean.jsonl`` lists the usable rows, ready for ``distill fit``.
+(more CLIP tokens than a 77-token context holds, counted with open_clip's tokenizer, or too many
+characters or words). ``clean.jsonl`` lists the usable rows, ready for ``distill fit``, with image paths
+relative to itself. Training and cache builds skip exactly the rows this check rejects.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Rows, as_rows
+from .data import MAX_PIXELS, MIN_SIDE, Rows, as_rows, image_problem
 from .io import atomic_write_bytes, write_json
 
 NOTE_MODES = {"CMYK": "CMYK image (converted to RGB)", "P": "palette image (converted to RGB)",
               "RGBA": "image with alpha (composited onto white)", "LA": "grey image with alpha (composited onto white)",
               "PA": "palette image with alpha (composited onto white)", "L": "greyscale image (converted to RGB)",
-              "I;16": "16-bit image (converted to RGB)", "I": "32-bit image (converted to RGB)"}
+              "I;16": "16-bit image (scaled to 8 bits)", "I": "32-bit image (scaled to 8 bits)",
+              "F": "floating-point image (scaled to 8 bits)"}
+CONTEXT_TOKENS = 77  # CLIP's text context, start and end tokens included
+MAX_CHARS = 300
 
 
 @dataclass
@@ -40,7 +45,8 @@ def inspect_image(path: str) -> ImageInfo:
     """Decode ``path`` fully (truncation shows only then) and hash its bytes."""
     from PIL import Image
 
-    from .data import _image_bytes
+    from .data import _image_bytes, read_problem
+    from .transforms import to_rgb
 
     plain = "::" not in path and not path.startswith("hf://")
     if plain and not os.path.exists(path):
@@ -58,9 +64,10 @@ def inspect_image(path: str) -> ImageInfo:
 
             im = Image.open(io.BytesIO(data))
             im.load()  # raises on truncated data
+        to_rgb(im)  # what training does next: a mode it cannot convert is rejected here too
         return ImageInfo(path, None, im.width, im.height, im.mode, hashlib.sha1(data).hexdigest())
     except Exception as e:
-        return ImageInfo(path, f"corrupt or truncated image ({type(e).__name__}: {str(e)[:120]})")
+        return ImageInfo(path, read_problem(path, e))
 
 
 @dataclass
@@ -69,6 +76,7 @@ class CheckReport:
     clean: int
     rejected: list[dict[str, Any]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
+    layout: str = ""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -77,13 +85,45 @@ class CheckReport:
         return dict(c)
 
     def summary(self) -> str:
-        lines = [f"{self.rows} rows: {self.clean} usable, {len(self.rejected)} rejected, {len(self.notes)} notes"]
+        lines = [f"layout: {self.layout}"] if self.layout else []
+        lines += [f"{self.rows} rows: {self.clean} usable, {len(self.rejected)} rejected, {len(self.notes)} notes"]
         lines += [f"  {n:6d}  {what}" for what, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
         return "\n".join(lines)
 
 
+def _token_counter():
+    """CLIP BPE token counts (open_clip ships its vocabulary), or None when open_clip is missing."""
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError:
+        return None
+    tok = SimpleTokenizer()
+    return lambda text: len(tok.encode(text)) + 2  # + start and end tokens
+
+
+def long_caption(caption: str, count_tokens=None, max_words: int = 60, max_chars: int = MAX_CHARS,
+                 max_tokens: int = CONTEXT_TOKENS) -> str | None:
+    """Why a caption is too long to be seen whole (None when it fits): tokens, characters or words;
+    characters and tokens catch scripts without spaces (Chinese, Japanese, Thai)."""
+    tokens = count_tokens(caption) if count_tokens else None
+    if tokens is not None and tokens > max_tokens:
+        return f"over-long caption ({tokens} CLIP tokens, over {max_tokens}; the tokenizer truncates it)"
+    if len(caption) > max_chars:
+        return f"over-long caption ({len(caption)} characters, over {max_chars}; the tokenizer truncates it)"
+    if len(caption.split()) > max_words:
+        return f"over-long caption ({len(caption.split())} words, over {max_words}; the tokenizer truncates it)"
+    return None
+
+
+def _relative(path: str | None, out: Path) -> str | None:
+    """A local image path as seen from ``out`` (so clean.jsonl resolves wherever it is read from)."""
+    if not path or "://" in path:
+        return path
+    return os.path.relpath(path, os.path.abspath(out))
+
+
 def check_data(source: Any, out: str | os.PathLike | None = None, workers: int | None = None,
-               min_side: int = 16, max_pixels: int = 89_478_485, max_words: int = 60,
+               min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS, max_words: int = 60,
                progress: bool = True) -> CheckReport:
     """Scan every row of ``source``; write ``clean.jsonl``, ``rejected.jsonl`` and ``report.json``
     into ``out`` when given. ``max_pixels`` is PIL's decompression-bomb limit."""
@@ -103,10 +143,7 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
     for p in paths:
         i = info[p]
         if i.error is None:
-            if min(i.width, i.height) < min_side:
-                i.error = f"image too small ({i.width}x{i.height}, under {min_side} px)"
-            elif i.width * i.height > max_pixels:
-                i.error = f"image too large ({i.width}x{i.height}, over {max_pixels} pixels)"
+            i.error = image_problem(i.width, i.height, min_side, max_pixels)
         if i.error is not None:
             continue
         if i.mode in NOTE_MODES:
@@ -116,6 +153,7 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
         else:
             first_of[i.sha] = p
     pair_data = rows.has_text
+    count_tokens = _token_counter() if pair_data else None
     clean, rejected = [], []
     for k, (p, c) in enumerate(zip(rows.images, rows.captions)):
         reason = info[p].error if p else None
@@ -123,22 +161,23 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
             reason = "empty caption"
         if reason is None and not p and not (c or "").strip():
             reason = "neither image nor caption"
-        record = {"image": p, "caption": c}
+        record = {"image": _relative(p, Path(out)) if out is not None else p, "caption": c}
         if rows.labels is not None:
             record["label"] = rows.classes[rows.labels[k]] if rows.classes else rows.labels[k]
         if reason is not None:
-            rejected.append({**record, "reason": reason, "row": k})
+            rejected.append({**record, "reason": reason, "row": k, "where": rows.where(k)})
             continue
-        if c and len(c.split()) > max_words:
-            notes.append({"image": p, "caption": c[:80], "row": k,
-                          "problem": f"over-long caption ({len(c.split())} words; the tokenizer truncates it)"})
+        long = long_caption(c, count_tokens, max_words) if c else None
+        if long:
+            notes.append({"image": p, "caption": c[:80], "row": k, "where": rows.where(k), "problem": long})
         clean.append(record)
-    report = CheckReport(len(rows), len(clean), rejected, notes)
+    report = CheckReport(len(rows), len(clean), rejected, notes, rows.layout)
     if out is not None:
         out = Path(out)
         dump = lambda recs: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode("utf-8")  # noqa: E731
         atomic_write_bytes(out / "clean.jsonl", dump(clean))
         atomic_write_bytes(out / "rejected.jsonl", dump(rejected))
-        write_json(out / "report.json", {"source": rows.source, "rows": report.rows, "clean": report.clean,
-                                         "rejected": len(rejected), "counts": report.counts, "notes": notes})
+        write_json(out / "report.json", {"source": rows.source, "layout": rows.layout, "rows": report.rows,
+                                         "clean": report.clean, "rejected": len(rejected), "counts": report.counts,
+                                         "notes": notes})
     return report

@@ -1,6 +1,7 @@
-"""Training checkpoints without pickle: weights, optimiser state and RNG in safetensors, the
-rest in JSON. A checkpoint directory is written under a temp name and renamed into place,
-so a crash never leaves a half-written ``step_*`` folder behind."""
+"""Training checkpoints without pickle: weights, optimiser state, RNG and the step module's extra
+state (e.g. a queue of negatives) in safetensors, the rest (history, data position, grad-scaler state)
+in JSON. A checkpoint directory is written under a temp name and renamed into place, so a crash never
+leaves a half-written ``step_*`` folder behind."""
 from __future__ import annotations
 
 import os
@@ -50,10 +51,19 @@ def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _extra_tensors(module: Any) -> dict[str, torch.Tensor]:
+    """State a module keeps outside its parameters (``extra_tensors()``), e.g. queues of negatives."""
+    return dict(module.extra_tensors()) if hasattr(module, "extra_tensors") else {}
+
+
 def save_checkpoint(
-    root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2
+    root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    keep: int = 2, scaler: Any = None, extra: Any = None,
 ) -> Path:
-    """Write ``root/step_XXXXXXXX`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``root/step_XXXXXXXX`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``scaler``: an fp16 GradScaler (its scale and growth tracker are saved); ``extra``: a module with
+    ``extra_tensors()`` / ``load_extra_tensors()`` (queues and other state outside ``state_dict``)."""
     root = Path(root)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp_{_PREFIX}{step:08d}_{os.getpid()}"
@@ -65,7 +75,11 @@ def save_checkpoint(
     save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     write_json(tmp / "optimizer.json", opt_plain)
     save_tensors(tmp / "rng.safetensors", _rng_state())
-    write_json(tmp / "state.json", {"step": step, **state})
+    extra_t = _extra_tensors(extra) if extra is not None else {}
+    if extra_t:
+        save_tensors(tmp / "extra.safetensors", extra_t)
+    scaler_state = scaler.state_dict() if scaler is not None and hasattr(scaler, "state_dict") else None
+    write_json(tmp / "state.json", {"step": step, **state, "scaler": scaler_state})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -83,9 +97,10 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+    scaler: Any = None, extra: Any = None,
 ) -> dict[str, Any]:
-    """Restore model (+ optimiser, RNG) in place; returns the JSON state (step, history, ...)."""
+    """Restore model (+ optimiser, RNG, grad scaler, extra state) in place; returns the JSON state."""
     path = Path(path)
     model.load_state_dict(load_tensors(path / "model.safetensors"))
     if optimizer is not None:
@@ -93,4 +108,9 @@ def load_checkpoint(
         optimizer.load_state_dict(_join_optimizer(tensors, read_json(path / "optimizer.json")))
     if restore_rng:
         _set_rng_state(load_tensors(path / "rng.safetensors"))
-    return read_json(path / "state.json")
+    state = read_json(path / "state.json")
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if extra is not None and hasattr(extra, "load_extra_tensors") and (path / "extra.safetensors").exists():
+        extra.load_extra_tensors(load_tensors(path / "extra.safetensors"))
+    return state

@@ -20,11 +20,42 @@ commands:
 """
 
 
+DEBUG_ENV = "DISTILL_DEBUG"  # set to 1: every error shows its Python traceback
+REPORT_URL = "https://github.com/clip-distill/clip-distill/issues"
+
+
+def _count(low: int):
+    """argparse type: an integer >= ``low``, named in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from .version import __version__
 
     p.add_argument("--version", action="version", version=f"clip-distill {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the Python traceback of any error (anywhere on the line; or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="offline end-to-end demo (a few minutes on 2 CPU cores)",
@@ -36,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrained", help="open_clip pretrained tag or weights file for --teacher")
     d.add_argument("--data", help="csv/jsonl of image,caption or a folder (with --teacher)")
     d.add_argument("--student", help="student name (default: a narrow vit_tiny for the demo, vit_tiny otherwise)")
-    d.add_argument("--steps", type=int, help="distillation steps")
+    d.add_argument("--steps", type=_count(1), help="distillation steps")
     d.add_argument("--work", help="where to write the run (default: ~/.cache/clip-distill/demo/runs)")
     d.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
     d.add_argument("--seed", type=int, default=0)
@@ -86,16 +117,16 @@ def _parser() -> argparse.ArgumentParser:
                          "clean.jsonl, rejected.jsonl and report.json into --out. Exit 1 only when no row is usable.")
     dc.add_argument("source", help="csv/tsv/json/jsonl/txt, a folder, .tar shards or hf:<dataset>")
     dc.add_argument("--out", default=None)
-    dc.add_argument("--workers", type=int, default=None)
-    dc.add_argument("--min-side", type=int, default=16)
+    dc.add_argument("--workers", type=_count(1), default=None)
+    dc.add_argument("--min-side", type=_count(1), default=16)
     dp = dsub.add_parser("pack", help="decode images once into a memory-mapped uint8 store",
                          description="Squashes every image to SIZE x SIZE uint8 shards (+ index.json with the original "
                          "sizes); set data.packed=DIR in a recipe (or --packed for cache build) to train on bytes "
                          "instead of JPEGs. Crops replay exactly: views are fractions of the image.")
     dp.add_argument("source")
     dp.add_argument("--out", required=True)
-    dp.add_argument("--size", type=int, default=224)
-    dp.add_argument("--workers", type=int, default=None)
+    dp.add_argument("--size", type=_count(8), default=224)
+    dp.add_argument("--workers", type=_count(1), default=None)
 
     pl = sub.add_parser("plan", help="batch size / accumulation / checkpointing that fit a VRAM budget",
                         description="Builds the recipe's student and probes two micro-batches on this device "
@@ -104,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                         "effective batch (batch_size x grad_accum) inside --vram.")
     pl.add_argument("--recipe", default=None)
     pl.add_argument("--vram", required=True, help="e.g. 8GB")
-    pl.add_argument("--effective-batch", type=int, default=None)
+    pl.add_argument("--effective-batch", type=_count(1), default=None)
     pl.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     pl.add_argument("items", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="a recipe file and/or key=value overrides")
 
@@ -119,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="image,caption pairs for retrieval and fidelity")
     v.add_argument("--classes", help="class-folder set or CSV with labels for zero-shot")
     v.add_argument("--templates", default="imagenet", help="imagenet (80 CLIP prompts), simple, or a file")
-    v.add_argument("--limit", type=int, help="evaluate at most this many rows of each set")
+    v.add_argument("--limit", type=_count(1), help="evaluate at most this many rows of each set")
     v.add_argument("--out", help="report folder")
     v.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
@@ -134,11 +165,15 @@ def _parser() -> argparse.ArgumentParser:
     cb.add_argument("--data", required=True, help="csv/tsv/json/jsonl of image,caption or a folder")
     cb.add_argument("--packed", default=None, help="a store from `distill data pack`: no JPEG decoding")
     cb.add_argument("--out", required=True, help="cache folder")
-    cb.add_argument("--views", type=int, default=1, help="views per image: 0 = eval transform, the rest random crops")
+    cb.add_argument("--views", type=_count(1), default=1,
+                    help="views per image (>= 1): view 0 is the eval transform, the rest random crops")
+    cb.add_argument("--crop-scale", type=_fraction, nargs=2, default=(0.5, 1.0), metavar=("LOW", "HIGH"),
+                    help="area range of the random crops (the recipe's data.crop_scale must match)")
+    cb.add_argument("--flip", action="store_true", help="random horizontal flips in the views (data.flip)")
     cb.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
-    cb.add_argument("--batch-size", type=int, default=256)
-    cb.add_argument("--workers", type=int, default=4)
-    cb.add_argument("--shard-size", type=int, default=4096)
+    cb.add_argument("--batch-size", type=_count(1), default=256)
+    cb.add_argument("--workers", type=_count(0), default=4)
+    cb.add_argument("--shard-size", type=_count(1), default=4096)
     cb.add_argument("--seed", type=int, default=0, help="seed of the random views")
     ci = csub.add_parser("info", help="print the manifest summary")
     ci.add_argument("dir")
@@ -147,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--teacher", help="re-encode a sample with this teacher and compare")
     cv.add_argument("--pretrained")
     cv.add_argument("--data", help="the data the cache was built from (with --teacher)")
-    cv.add_argument("--sample", type=int, default=32)
+    cv.add_argument("--sample", type=_count(0), default=32)
     cv.add_argument("--allow-stale", action="store_true", help="skip the teacher identity check")
 
     sub.add_parser("list", help="registered teachers, students and losses")
@@ -165,8 +200,10 @@ def _cuda() -> bool:
 
 def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
     """(name, pretrained) that load_teacher takes, from a student's recorded teacher identity."""
+    from .errors import RecipeError
+
     if not identity:
-        raise ValueError("the student records no teacher: pass --teacher")
+        raise RecipeError("--teacher: the student records no teacher: pass --teacher")
     backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
     if backend == "folder":
         return name, None
@@ -177,6 +214,7 @@ def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
 
 def cmd_eval(args) -> int:
     from .data import load_rows
+    from .errors import DataError, RecipeError
     from .eval import evaluate_pair
     from .report import format_table, write_report
     from .students import load_student
@@ -190,11 +228,12 @@ def cmd_eval(args) -> int:
     name, pretrained = (args.teacher, args.pretrained) if args.teacher else teacher_from_identity(student.teacher_identity)
     teacher = load_teacher(name, pretrained=pretrained or args.pretrained, device=args.device)
     if not args.data and not args.classes:
-        raise ValueError("give --data (caption pairs) and/or --classes (labelled images)")
+        raise RecipeError("--data / --classes: give --data (caption pairs) and/or --classes (labelled images)")
     captions = load_rows(args.data) if args.data else None
     classes = load_rows(args.classes) if args.classes else None
     if classes is not None and not classes.labels:
-        raise ValueError(f"{args.classes}: no labels (use class subfolders or a label column)")
+        raise DataError(f"{args.classes}: no labels: use class subfolders with images in them, or a file with a "
+                        f"label column ({classes.layout or 'read'}: {len(classes)} rows)")
     if args.limit:  # a seeded sample, so class folders keep every class
         import numpy as np
 
@@ -215,7 +254,9 @@ def cmd_plan(args) -> int:
     files = [i for i in args.items if "=" not in i]
     path = args.recipe or (files[0] if files else None)
     if path is None:
-        raise ValueError("name a recipe: distill plan --recipe recipes/vit_tiny_from_vit_b32.yaml --vram 8GB")
+        from .errors import RecipeError
+
+        raise RecipeError("--recipe: name a recipe: distill plan --recipe recipes/vit_tiny_from_vit_b32.yaml --vram 8GB")
     overrides = [i for i in args.items if "=" in i]
     plan = make_plan(load_recipe(path, overrides), args.vram, args.device, args.effective_batch)
     print(plan.table())
@@ -260,9 +301,13 @@ def cmd_cache(args) -> int:
             reader = PackedImages(args.packed)
         service = TeacherService(teacher, args.out, dtype=args.dtype, shard_size=args.shard_size,
                                  batch_size=args.batch_size, num_workers=args.workers, reader=reader)
-        print(service.build(args.data, views=args.views, seed=args.seed).line())
+        print(service.build(args.data, views=args.views, seed=args.seed, scale=tuple(args.crop_scale),
+                            flip=args.flip).line())
         return 0
-    cache = EmbeddingCache.open(args.dir)
+    if args.cache_command is None:
+        print("usage: distill cache {build,info,verify} ...", file=sys.stderr)
+        return 2
+    cache = EmbeddingCache.open(args.dir, check_values=args.cache_command != "verify")
     if args.cache_command == "info":
         print(cache.info())
         return 0
@@ -273,7 +318,9 @@ def cmd_cache(args) -> int:
             from .teachers import load_teacher
 
             if not args.data:
-                raise ValueError("--teacher needs --data to re-encode samples")
+                from .errors import RecipeError
+
+                raise RecipeError("--data: --teacher needs --data to re-encode samples")
             teacher, rows = load_teacher(args.teacher, pretrained=args.pretrained), load_rows(args.data)
             cache.check(teacher, allow_stale=args.allow_stale)
         problems = cache.verify(teacher, args.sample, rows)
@@ -362,21 +409,52 @@ def cmd_list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``distill`` command. Errors the user can fix (``distill.errors``, missing files, a bad
+    recipe) print as one line, ``distill <command>: error: <what> (<file>[:line] | <key>)``, and exit 2;
+    ``--debug`` or ``DISTILL_DEBUG=1`` shows their traceback. Anything else is a bug: its traceback is
+    shown with a line saying how to report it (exit 1)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not args.command:
         parser.print_help()
         return 0
-    from .config import RecipeError
-
+    commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache,
+                "data": cmd_data, "plan": cmd_plan, "eval": cmd_eval, "list": cmd_list}
     try:
-        commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache, "data": cmd_data, "plan": cmd_plan, "eval": cmd_eval,
-                    "list": cmd_list}
         return commands[args.command](args)
-    except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ndistill {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001: the one place errors become messages
+        message = user_error(e)
+        if message is None or debug:
+            if message is None:
+                import traceback
+
+                traceback.print_exc()
+                print(f"distill {args.command}: internal error ({type(e).__name__}). This is a bug in clip-distill: "
+                      f"please report it at {REPORT_URL} with the command and the traceback above.", file=sys.stderr)
+                return 1
+            raise
+        print(f"distill {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug."""
+    from .errors import DistillError
+
+    if isinstance(e, DistillError):
+        return str(e)
+    if isinstance(e, OSError) and getattr(e, "filename", None):  # missing file, permission, disk full
+        return f"{e.strerror or e} ({e.filename})"
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return ("out of memory on the GPU: lower train.batch_size (with train.grad_accum to keep the effective "
+                "batch), or see `distill plan --vram`")
+    return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,14 +17,17 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import RecipeError
 
-class RecipeError(ValueError):
-    """A recipe or option is invalid; the message starts with the key's dotted path."""
+DEFAULT_TEACHER = "openclip_vit_b32"  # what an online run uses when the recipe names no teacher
 
 
 @dataclass
 class TeacherCfg:
-    name: str = "openclip_vit_b32"  # registered name, "openclip:<arch>", "hf:<id|dir>", "text:<id|dir>" or a folder
+    # registered name, "openclip:<arch>", "hf:<id|dir>", "text:<id|dir>" or a folder. Empty: the teacher
+    # recorded in the cache (cache.dir), else DEFAULT_TEACHER; a teacher that is not named is never
+    # loaded to fill rows a cache lacks.
+    name: str = ""
     pretrained: Optional[str] = None  # open_clip tag or local weights file (open_clip backend)
     kwargs: dict[str, Any] = field(default_factory=dict)  # forwarded to the teacher loader
 
@@ -38,8 +42,9 @@ class StudentCfg:
 class DataCfg:
     train: str = ""  # csv/tsv/json/jsonl of image,caption, or a folder
     image_size: Optional[int] = None  # student input size; None = the student's default
-    augment: bool = True  # random-resized-crop + flip, the same crop replayed for teacher and student
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random crop
+    augment: bool = True  # random-resized crops, the same crop replayed for teacher and student
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random crop (also of cache views)
+    flip: bool = False  # random horizontal flips too (off: captions say "left" and "right"), as open_clip
     image_column: Optional[str] = None  # column/key holding the image path (auto-detected when None)
     caption_column: Optional[str] = None  # column/key holding the caption (auto-detected when None)
     num_workers: int = 2  # DataLoader workers decoding images
@@ -82,7 +87,8 @@ class TrainCfg:
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 2  # older checkpoints are deleted
     log_every: int = 10
-    resume: bool = False  # continue from the last checkpoint in output_dir
+    resume: bool = False  # continue from the last checkpoint in output_dir (of the same run)
+    overwrite: bool = False  # start again in an output_dir that holds a run: its checkpoints and logs are deleted
     progress: bool = True  # tqdm progress bar
     health_every: int = 200  # steps between health checks on a held-out slice; 0 = off
     health_rows: int = 256  # images held out for them (at most a tenth of the data; off below 32)
@@ -155,7 +161,7 @@ def apply_options(recipe: Recipe, options: dict[str, Any]) -> Recipe:
             close = difflib.get_close_matches(key, list(table), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise RecipeError(f"{key}: unknown option{hint}")
-    return merge(recipe, _nest(dotted))
+    return validate(merge(recipe, _nest(dotted)))
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -178,24 +184,45 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise RecipeError(f"{item}: override must look like section.key=value")
         key, raw = item.split("=", 1)
-        dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise RecipeError(f"{key.strip()}: {raw!r} is not a valid value (YAML)") from None
     return _nest(dotted)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a file; a file that is not UTF-8 or not YAML fails naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Defaults <- YAML file <- ``section.key=value`` overrides; raises RecipeError with the key path."""
     recipe = Recipe()
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(path)
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, not a {type(data).__name__}")
         try:
-            recipe = merge(recipe, data)
+            recipe = validate(merge(recipe, data))
         except RecipeError as e:
             raise RecipeError(f"{e} (in {path})") from None
     if overrides:
-        recipe = merge(recipe, parse_overrides(overrides))
+        recipe = validate(merge(recipe, parse_overrides(overrides)))
     return recipe
 
 
@@ -282,6 +309,106 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise RecipeError(f"{path}: expected a string, got {value!r}")
     return value
+
+
+# -- value checks: every numeric or enumerated field, by dotted path ------------------------------------
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+CACHE_DTYPES = ("fp16", "fp32")
+LOCKS = ("none", "text", "image", "lora")
+LORA_TOWERS = ("image", "text", "both")
+
+
+def _at_least(low: float) -> Any:
+    return lambda v: (v >= low, f"must be >= {low}")
+
+
+def _above(low: float) -> Any:
+    return lambda v: (math.isfinite(v) and v > low, f"must be > {low}")
+
+
+def _one_of(*choices: str) -> Any:
+    return lambda v: (v in choices, f"must be one of {', '.join(choices)}")
+
+
+def _fraction(v: float) -> tuple[bool, str]:
+    return 0.0 <= v <= 1.0, "must be between 0 and 1"
+
+
+def _crop_scale(v: tuple[float, float]) -> tuple[bool, str]:
+    return 0.0 < v[0] <= v[1] <= 1.0, "must be two area fractions 0 < low <= high <= 1"
+
+
+def _betas(v: tuple[float, float]) -> tuple[bool, str]:
+    return all(0.0 <= b < 1.0 for b in v), "must be two numbers in [0, 1)"
+
+
+def _image_size(v: int | None) -> tuple[bool, str]:
+    return v is None or v >= 8, "must be at least 8 (pixels), or null for the student's default"
+
+
+def _loss_weights(v: dict[str, float]) -> tuple[bool, str]:
+    from .losses import LOSSES  # torch: loaded only when a recipe is checked
+
+    unknown = [k for k in v if k not in LOSSES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LOSSES.list(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return False, f"unknown loss {unknown[0]!r}{hint}; losses are {', '.join(LOSSES.list())}"
+    if any(not math.isfinite(w) or w < 0 for w in v.values()):
+        return False, "weights must be finite numbers >= 0"
+    return any(w > 0 for w in v.values()), "at least one weight must be > 0"
+
+
+RULES: dict[str, Any] = {
+    "data.image_size": _image_size,
+    "data.crop_scale": _crop_scale,
+    "data.num_workers": _at_least(0),
+    "cache.views": _at_least(1),
+    "cache.dtype": _one_of(*CACHE_DTYPES),
+    "loss.weights": _loss_weights,
+    "optim.optimizer": _one_of(*OPTIMIZERS),
+    "optim.lr": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.betas": _betas,
+    "optim.warmup_steps": _at_least(0),
+    "optim.min_lr_ratio": _fraction,
+    "optim.grad_clip": _at_least(0),
+    "train.batch_size": _at_least(1),
+    "train.max_steps": _at_least(1),
+    "train.grad_accum": _at_least(1),
+    "train.precision": _one_of(*PRECISIONS),
+    "train.checkpoint_every": _at_least(0),
+    "train.keep_checkpoints": _at_least(0),
+    "train.log_every": _at_least(1),
+    "train.health_every": _at_least(0),
+    "train.health_rows": _at_least(0),
+    "tune.lock": _one_of(*LOCKS),
+    "tune.init_temperature": _above(0),
+    "tune.embed_dim": _at_least(1),
+    "tune.queue": _at_least(0),
+    "tune.lora_rank": _at_least(1),
+    "tune.lora_alpha": _above(0),
+    "tune.lora_dropout": lambda v: (0.0 <= v < 1.0, "must be in [0, 1)"),
+    "tune.lora_towers": _one_of(*LORA_TOWERS),
+}
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Check every value against ``RULES`` (and options across keys); raises RecipeError naming the key."""
+    for path, rule in RULES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(recipe, section), key)
+        ok, why = rule(value)
+        if not ok:
+            raise RecipeError(f"{path}: {value!r} {why}" if why.startswith("must") else f"{path}: {why}")
+    extra = sorted(set(recipe.loss.kwargs) - set(recipe.loss.weights))
+    if extra:
+        raise RecipeError(f"loss.kwargs.{extra[0]}: options for a loss that has no weight in loss.weights")
+    for name, opts in recipe.loss.kwargs.items():
+        if not isinstance(opts, dict):
+            raise RecipeError(f"loss.kwargs.{name}: expected a mapping of options, got {opts!r}")
+    return recipe
 
 
 def _plain(obj: Any) -> Any:

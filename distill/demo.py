@@ -140,7 +140,7 @@ def train_demo_teacher(data: Path, out: Path, sizes: DemoSizes, seed: int = 0, p
     model = demo_teacher_model(sizes.embed_dim, sizes.image_size)
     Tuner(model, output_dir=str(out), max_steps=sizes.teacher_steps, batch_size=sizes.batch_size, lr=2e-3,
           warmup_steps=30, seed=seed, progress=progress, crop_scale=(0.8, 1.0), num_workers=1,
-          weight_decay=0.05).fit(str(data / "train.csv"))
+          weight_decay=0.05, resume=True).fit(str(data / "train.csv"))  # resume: a killed first demo continues
     return out / "model"
 
 
@@ -172,7 +172,9 @@ def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pre
         train_file = data_dir / "train.csv"
     else:
         if data is None:
-            raise ValueError("--teacher needs --data (a csv/jsonl of image,caption or a folder)")
+            from .errors import RecipeError
+
+            raise RecipeError("--data: --teacher needs --data (a csv/jsonl of image,caption or a folder)")
         t = load_teacher(teacher, pretrained=pretrained)
         s = create_student(student or "vit_tiny", embed_dim=t.embed_dim)
         data_dir = _split_user_data(Path(data), work / "data", seed)
@@ -180,7 +182,7 @@ def run_demo(work_dir: str | Path | None = None, teacher: str | None = None, pre
         options = dict(lr=1e-3, warmup_steps=100)
     result = Distiller(t, s, output_dir=str(work / "distill"), max_steps=max_steps or sizes.student_steps,
                        batch_size=sizes.batch_size, seed=seed, progress=progress, num_workers=1,
-                       **options).fit(str(train_file))
+                       overwrite=True, **options).fit(str(train_file))  # the demo's run folder is its own
     from .data import load_rows
     from .eval import evaluate_pair
     from .report import write_report

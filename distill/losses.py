@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import RecipeError
 from .registry import Registry
 
 LOSSES = Registry("loss")
@@ -87,7 +88,8 @@ class SmoothL1Loss(nn.Module):
 
 class EmbeddingQueue:
     """FIFO of the latest ``size`` embeddings (normalised, no gradients), newest first, with
-    optional ids (e.g. caption ids, so repeats of a row's own target can be recognised)."""
+    optional ids (e.g. caption ids, so repeats of a row's own target can be recognised). Its state is
+    checkpointed (``state`` / ``load``), so a resumed run sees the same negatives."""
 
     def __init__(self, size: int):
         self.size = size
@@ -95,17 +97,63 @@ class EmbeddingQueue:
         self.ids: torch.Tensor | None = None
 
     def get(self, side: str):
-        """``(side, embeddings, ids)`` as ``tune.clip_loss`` takes it, or None while empty."""
+        """``(side, embeddings, ids)`` as ``clip_loss`` takes it, or None while empty."""
         return None if self.emb is None else (side, self.emb, self.ids)
 
     def push(self, emb: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         emb = F.normalize(emb.detach().float(), dim=-1)
         ids = None if ids is None else ids.to(emb.device)
         if self.emb is not None:
-            emb = torch.cat([emb, self.emb])
-            ids = None if ids is None else torch.cat([ids, self.ids])
+            emb = torch.cat([emb, self.emb.to(emb.device)])
+            ids = None if ids is None else torch.cat([ids, self.ids.to(emb.device)])
         self.emb = emb[: self.size]
         self.ids = None if ids is None else ids[: self.size]
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {} if self.emb is None else {f"{prefix}emb": self.emb.cpu()}
+        if self.ids is not None:
+            out[f"{prefix}ids"] = self.ids.cpu()
+        return out
+
+    def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.emb = state.get(f"{prefix}emb")
+        self.ids = state.get(f"{prefix}ids")
+
+
+def info_nce(rows: torch.Tensor, cols: torch.Tensor, positive: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with any number of positives per row: ``-log`` of the softmax mass on the row's positive
+    columns, averaged over rows. With one positive per row it is the usual cross-entropy; a target
+    repeated in the batch (a class prompt, a duplicated caption) is a positive, never a negative.
+    The one implementation behind distillation's ``contrastive`` loss and tuning's ``clip_loss``."""
+    logits = scale * rows @ cols.t()
+    return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()
+
+
+def same_target(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
+    """[len(a), len(b)] mask of equal (normalised) embeddings: the same caption or image, repeated."""
+    return (a @ b.t()) > 1 - tol
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None = None,
+              queue: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE between paired image and text embeddings (normalised here).
+
+    ``ids``: one id per pair; pairs with the same id (the same caption, as with class prompts) are
+    all positives. ``queue``: ``(side, embeddings, ids)`` of past, frozen ``side`` ("image" or "text")
+    embeddings, added as extra columns (negatives, or positives where ids match) for the other side's rows."""
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    scale = logit_scale.exp().clamp(max=100)
+    ids = ids.to(img.device) if ids is not None else torch.arange(len(img), device=img.device)
+    cols_txt, ids_txt, cols_img, ids_img = txt, ids, img, ids
+    if queue is not None and len(queue[1]):
+        side, q, q_ids = queue
+        q, q_ids = q.to(img.device), q_ids.to(img.device)
+        if side == "text":
+            cols_txt, ids_txt = torch.cat([txt, q]), torch.cat([ids, q_ids])
+        else:
+            cols_img, ids_img = torch.cat([img, q]), torch.cat([ids, q_ids])
+    return (info_nce(img, cols_txt, ids[:, None] == ids_txt[None, :], scale)
+            + info_nce(txt, cols_img, ids[:, None] == ids_img[None, :], scale)) / 2
 
 
 class ContrastiveLoss(nn.Module):
@@ -113,19 +161,23 @@ class ContrastiveLoss(nn.Module):
     other modality (student image <-> teacher text), with a learnable temperature.
 
     Row i of the student batch must match row i of the teacher reference batch; every
-    other row is a negative. Falls back to the teacher's same-modality embeddings when the
-    batch has no other modality (image-only or text-only data).
+    other row is a negative, except rows whose reference is the same (a repeated caption, such as a
+    class prompt): those are positives too (``info_nce``). Falls back to the teacher's same-modality
+    embeddings when the batch has no other modality (image-only or text-only data).
 
     ``queue``: keep this many past teacher references as extra negatives for the student rows
     (MoCo-style; free with a cache, since teacher embeddings never change), so a micro-batch of 32
-    still sees thousands of negatives. Queue entries identical to a row's own reference (repeated
-    captions such as class prompts) are masked, not counted as negatives. Not checkpointed: a resumed
-    run refills it within ``queue / batch`` steps.
+    still sees thousands of negatives. Queue entries equal to a row's own reference count as its
+    positives. The queue is checkpointed with the run.
     """
 
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0,
                  queue: int = 0):
         super().__init__()
+        if not init_temperature > 0:
+            raise RecipeError(f"loss.kwargs.contrastive.init_temperature: {init_temperature!r} must be > 0")
+        if int(queue) < 0:
+            raise RecipeError(f"loss.kwargs.contrastive.queue: {queue!r} must be >= 0")
         scale = torch.tensor(math.log(1 / init_temperature))
         if learnable:
             self.logit_scale = nn.Parameter(scale)
@@ -139,18 +191,26 @@ class ContrastiveLoss(nn.Module):
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         terms = []
         for k, (s, _, ref) in enumerate(e.cross_pairs()):
-            target = torch.arange(len(s), device=s.device)
-            logits = scale * s @ ref.t()
-            reverse = F.cross_entropy(logits.t(), target)
+            cols = ref
             q = self._queues.get(k)
-            if q is not None and q.emb.shape[-1] == ref.shape[-1]:
-                past = q.emb.to(s.device)
-                same = (ref @ past.t()) > 0.9999  # the row's own reference, repeated
-                logits = torch.cat([logits, (scale * s @ past.t()).masked_fill(same, float("-inf"))], dim=1)
-            terms.append((F.cross_entropy(logits, target) + reverse) / 2)
+            if q is not None and q.emb is not None and q.emb.shape[-1] == ref.shape[-1]:
+                cols = torch.cat([ref, q.emb.to(ref.device)])
+            forward = info_nce(s, cols, same_target(ref, cols), scale)
+            reverse = info_nce(ref, s, same_target(ref, ref), scale)
+            terms.append((forward + reverse) / 2)
             if self.queue_size and self.training:
                 self._queues.setdefault(k, EmbeddingQueue(self.queue_size)).push(ref)
         return _mean(terms)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, q in self._queues.items():
+            out.update(q.state(f"queue{k}."))
+        return out
+
+    def load_extra_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        for k in sorted({int(n.split(".")[0][5:]) for n in state if n.startswith("queue")}):
+            self._queues.setdefault(k, EmbeddingQueue(self.queue_size)).load(state, f"queue{k}.")
 
 
 class AffinityLoss(nn.Module):
@@ -159,6 +219,8 @@ class AffinityLoss(nn.Module):
 
     def __init__(self, tau: float = 0.1):
         super().__init__()
+        if not tau > 0:
+            raise RecipeError(f"loss.kwargs.affinity.tau: {tau!r} must be > 0")
         self.tau = tau
 
     def forward(self, e: Embeddings) -> torch.Tensor:
@@ -178,7 +240,10 @@ LOSSES.register(lambda **kw: AffinityLoss(**kw), name="affinity", kind="contrast
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
-    return LOSSES.create(name, **kwargs)
+    try:
+        return LOSSES.create(name, **kwargs)
+    except TypeError as e:  # an option the loss does not take
+        raise RecipeError(f"loss.kwargs.{name}: {e}") from None
 
 
 class DistillLoss(nn.Module):
@@ -189,11 +254,25 @@ class DistillLoss(nn.Module):
         kwargs = kwargs or {}
         unknown = set(kwargs) - set(weights)
         if unknown:
-            raise ValueError(f"loss.kwargs: options for {sorted(unknown)} which have no weight in loss.weights")
+            raise RecipeError(f"loss.kwargs: options for {sorted(unknown)} which have no weight in loss.weights")
         self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
         if not self.weights:
-            raise ValueError("loss.weights: every weight is zero")
+            raise RecipeError("loss.weights: every weight is zero")
+        for k in self.weights:
+            if k not in LOSSES:
+                LOSSES.get(k)  # unknown name: the registry's message lists the known ones
         self.terms = nn.ModuleDict({k: create_loss(k, **kwargs.get(k, {})) for k in self.weights})
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """State of the terms outside their parameters (queues), for checkpoints."""
+        return {f"{k}.{n}": t for k, m in self.terms.items() if hasattr(m, "extra_tensors")
+                for n, t in m.extra_tensors().items()}
+
+    def load_extra_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        for k, m in self.terms.items():
+            mine = {n[len(k) + 1:]: t for n, t in state.items() if n.startswith(f"{k}.")}
+            if mine and hasattr(m, "load_extra_tensors"):
+                m.load_extra_tensors(mine)
 
     def forward(self, e: Embeddings) -> tuple[torch.Tensor, dict[str, float]]:
         values = {k: m(e) for k, m in self.terms.items()}

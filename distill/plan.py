@@ -28,15 +28,24 @@ CANDIDATES = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def parse_size(text: str) -> int:
-    """``"8GB"``, ``"8 GiB"``, ``"7.5G"``, ``"8000MB"`` -> bytes (GB taken as GiB, as GPUs are sold)."""
-    t = text.strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    """``"8GB"``, ``"8 GiB"``, ``"7.5G"``, ``"8000MB"`` -> bytes (GB taken as GiB, as GPUs are sold).
+    A unit is required (a bare ``8`` is ambiguous) and the size must be positive."""
+    from .errors import RecipeError
+
+    bad = RecipeError(f"--vram {text!r}: use a positive size with a unit, such as 8GB, 12GiB or 7500MB")
+    t = str(text).strip().upper().replace(" ", "")
+    t = t[:-1] if t.endswith("B") else t
+    t = t[:-1] if t.endswith("I") else t
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    if not t or t[-1] not in units:
+        raise bad
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(float(t))
+        value = float(t[:-1])
     except ValueError:
-        raise ValueError(f"--vram {text!r}: use a size such as 8GB, 12GiB or 7500MB") from None
+        raise bad from None
+    if not math.isfinite(value) or value <= 0:
+        raise bad
+    return int(value * units[t[-1]])
 
 
 @dataclass
@@ -137,10 +146,10 @@ def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: i
     kwargs.pop("pretrained", None)  # the probe needs shapes, not weights (no hub here)
     if recipe.data.image_size is not None and "+" not in recipe.student.name:
         kwargs.setdefault("image_size", recipe.data.image_size)
-    prec = recipe.train.precision
+    from .precision import resolve_precision
+
+    prec = resolve_precision(recipe.train.precision, cpu=device.type != "cuda")  # what `distill fit` will use
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-    if prec == "auto" and device.type == "cuda":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     opt_bytes = 10 if recipe.optim.optimizer == "adamw8bit" else 16
     out = []
     for ckpt in (False, True):
@@ -188,6 +197,10 @@ def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: i
 def make_plan(recipe: Recipe, vram: str | int, device: str | None = None, effective_batch: int | None = None) -> Plan:
     """Pick micro-batch, accumulation and checkpointing for ``vram`` (bytes or ``"8GB"``)."""
     budget = parse_size(vram) if isinstance(vram, str) else int(vram)
+    if budget <= 0:
+        from .errors import RecipeError
+
+        raise RecipeError(f"--vram {vram!r}: must be a positive size")
     target = effective_batch or recipe.train.batch_size * recipe.train.grad_accum
     plan = Plan(int(budget * 0.92), target)  # headroom for fragmentation and the data pipeline
     plan.probes = probe(recipe, device)

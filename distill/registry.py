@@ -6,6 +6,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import UnknownNameError
+
 
 @dataclass
 class Entry:
@@ -40,9 +42,7 @@ class Registry:
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(
-                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.list())}"
-            )
+            raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.list())}")
         return self._entries[name]
 
     def create(self, name: str, **kwargs: Any) -> Any:

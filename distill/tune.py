@@ -20,52 +20,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._imports import require
-from .config import Recipe, apply_options
-from .data import PairDataset, as_rows, make_collate
-from .losses import EmbeddingQueue
-from .trainer import FitResult, TrainLoop, image_reader, make_loader_factory
+from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
+from .data import PairDataset, SkipLog, as_rows, make_collate, split_usable
+from .errors import DataError, RecipeError
+from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
+from .loop import FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity, seed_everything
 from .transforms import normalize
 
 log = logging.getLogger(__name__)
-LOCKS = ("none", "text", "image", "lora")
 
 
 def caption_ids(captions: Sequence[str]) -> torch.Tensor:
     """Stable ids of caption strings: equal captions are positives of each other."""
     return torch.tensor([zlib.crc32(c.encode("utf-8")) for c in captions], dtype=torch.long)
-
-
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None = None,
-              queue: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Symmetric CLIP InfoNCE between paired image and text embeddings (normalised here).
-
-    ``ids``: one id per pair; pairs with the same id (the same caption, as with class prompts) are
-    all positives: the loss is -log of the softmax mass on the positives, not false negatives.
-    ``queue``: ``(side, embeddings, ids)`` of past, frozen ``side`` ("image" or "text") embeddings,
-    added as extra columns (negatives, or positives where ids match) for the other side's rows."""
-    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-    scale = logit_scale.exp().clamp(max=100)
-    n = len(img)
-    ids = ids.to(img.device) if ids is not None else torch.arange(n, device=img.device)
-
-    def ce(rows, cols, col_ids):
-        logits = scale * rows @ cols.t()
-        positive = ids[:, None] == col_ids[None, :]
-        return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()
-
-    cols_txt, ids_txt, cols_img, ids_img = txt, ids, img, ids
-    if queue is not None and len(queue[1]):
-        side, q, q_ids = queue
-        q, q_ids = q.to(img.device), q_ids.to(img.device)
-        if side == "text":
-            cols_txt, ids_txt = torch.cat([txt, q]), torch.cat([ids, q_ids])
-        else:
-            cols_img, ids_img = torch.cat([img, q]), torch.cat([ids, q_ids])
-    return (ce(img, cols_txt, ids_txt) + ce(txt, cols_img, ids_img)) / 2
 
 
 class _Temperature(nn.Module):
@@ -88,6 +58,13 @@ class TuneStep(nn.Module):
         self.queue = EmbeddingQueue(queue) if queue > 0 else None
         self._text_rows = text_table[0] if text_table else None
         self.register_buffer("text_table", text_table[1] if text_table else None, persistent=False)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return self.queue.state("queue.") if self.queue is not None else {}
+
+    def load_extra_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if self.queue is not None:
+            self.queue.load(state, "queue.")
 
     def forward(self, batch):
         model, lock = self.model, self.lock
@@ -129,7 +106,7 @@ def add_lora(model, towers: str = "both", rank: int = 8, alpha: float = 16.0, dr
     peft = require("peft", "tune.lock=lora")
     chosen = {"both": ("image", "text"), "image": ("image",), "text": ("text",)}.get(towers)
     if chosen is None:
-        raise ValueError(f"tune.lora_towers: {towers!r} is not one of image, text, both")
+        raise RecipeError(f"tune.lora_towers: {towers!r} is not one of {', '.join(LORA_TOWERS)}")
     model.requires_grad_(False)
     for name in chosen:
         tower = getattr(model, name)
@@ -168,16 +145,18 @@ class Tuner:
         self.recipe = apply_options(recipe or Recipe(), options)
         t = self.recipe.tune
         if t.lock not in LOCKS:
-            raise ValueError(f"tune.lock: {t.lock!r} is not one of {LOCKS}")
+            raise RecipeError(f"tune.lock: {t.lock!r} is not one of {LOCKS}")
         if t.queue and t.lock not in ("text", "image"):
-            raise ValueError("tune.queue: a queue of negatives needs a locked tower (tune.lock=text or image)")
+            raise RecipeError("tune.queue: a queue of negatives needs a locked tower (tune.lock=text or image)")
         if model is None:
             from .students import create_student
 
             kwargs = dict(self.recipe.student.kwargs)
+            seed_everything(self.recipe.train.seed)  # the same recipe and seed give the same initial model
             model = create_student(self.recipe.student.name, embed_dim=kwargs.pop("embed_dim", t.embed_dim), **kwargs)
         if model.image is None or model.text is None:
-            raise ValueError("Tuner needs a two-tower model (an image and a text tower)")
+            raise RecipeError("student.name: tuning needs a two-tower model (an image and a text tower), e.g. "
+                              "resnet18+hf:minilm")
         self.model = model
 
     def _text_table(self, captions: Sequence[str]) -> tuple[dict[str, int], torch.Tensor]:
@@ -196,33 +175,43 @@ class Tuner:
 
     def fit(self, data: Any = None) -> FitResult:
         r, model, t = self.recipe, self.model, self.recipe.tune
-        rows = as_rows(data if data is not None else r.data.train,
-                       image_column=r.data.image_column, caption_column=r.data.caption_column)
-        keep = [i for i, (p, c) in enumerate(zip(rows.images, rows.captions)) if p and c]
-        if not keep:
-            raise ValueError(f"{rows.source}: tuning needs image-caption pairs")
-        if len(keep) < len(rows):
-            log.warning("%s: %d rows without an image or a caption are left out", rows.source, len(rows) - len(keep))
-            rows = rows.subset(keep)
+        source = data if data is not None else r.data.train
+        if source is None or (isinstance(source, str) and not source):
+            raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
+        rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+        if not rows.has_images or not rows.has_text:
+            raise DataError(f"{rows.source}: tuning needs image-caption pairs")
+        keep, why = split_usable(rows, need_image=True, need_caption=True)
+        skipped = [(rows, i, reason) for i, reason in why.items()]
+        rows = rows.subset(keep)
         frozen = {"text": model.text, "image": model.image}.get(t.lock)
         if frozen is not None:
             frozen.requires_grad_(False)
         if t.lock == "lora":
             trainable = add_lora(model, t.lora_towers, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
             log.info("LoRA: %d trainable tensors", len(trainable))
-        table = self._text_table(rows.captions) if t.lock == "text" else None
         dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed,
-                              image_reader(r.data))
-        collate = make_collate({} if table else {"model": model.tokenize})
-        step_module = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, table)
-
+                              image_reader(r.data), flip=r.data.flip)
         pin = torch.cuda.is_available() and not r.train.cpu
-        loop = TrainLoop(r, step_module,
-                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, r.data.num_workers, pin))
+        run = run_identity(r, model=model.config(), data=data_fingerprint(rows))
+        loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
+                                                      r.data.num_workers, pin), run=run, rows=rows)
+        loop.claim()  # before anything is written into the output folder
+        loop.skips = SkipLog(Path(r.train.output_dir) / "skipped.jsonl", resume=loop.resume_from is not None)
+        for rs, i, reason in skipped:
+            loop.skips.add(rs, i, reason)
+        if not len(rows):
+            raise DataError(f"no usable image-caption rows left to tune on ({loop.skips.summary()})")
+        table = self._text_table(rows.captions) if t.lock == "text" else None
+        collate = make_collate({} if table else {"model": model.tokenize})
+        loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, table)
+        loop.make_loader = make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed,
+                                               r.data.num_workers, pin)
         history, steps = loop.run()
         if t.lock == "lora":
             merge_lora(model)
         model_dir = Path(r.train.output_dir) / "model"
         if loop.is_main:
             model.cpu().eval().save(model_dir)
-        return FitResult(model_dir.parent, history, model, model_dir, steps, {"samples_per_s": loop.samples_per_s})
+        return FitResult(model_dir.parent, history, model, model_dir, steps,
+                         {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count})

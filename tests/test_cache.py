@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_OPENCLIP, tiny_student
 from distill import Distiller
-from distill.cache import CacheMismatchError, EmbeddingCache, TeacherService, data_root, image_id, view_for
+from distill.cache import CacheMismatchError, EmbeddingCache, TeacherService, image_keys, view_for
 from distill.data import load_rows, open_image
 from distill.transforms import PreprocessCfg, apply_view
 
@@ -37,7 +37,7 @@ def test_build_stores_replayable_views(teacher, shapes, tmp_path):
     cache = EmbeddingCache.open(tmp_path / "c")
     assert cache.views == 3 and cache.manifest["counts"]["images"] == 160
     rows = load_rows(shapes / "train.csv")
-    key = image_id(rows.images[5], data_root(rows))
+    key = image_keys([rows.images[5]])[0][0]
     image = open_image(rows.images[5])
     for v in range(3):
         view = cache.view(key, v)
@@ -228,11 +228,11 @@ def test_split_build_across_processes_equals_one_process(teacher, shapes, tmp_pa
     data = str(shapes / "train.csv")
     rows = load_rows(data)
     svc = _service(teacher, tmp_path / "split")
-    manifest = svc._start_manifest(2, 0, (0.35, 1.0), (3 / 4, 4 / 3))
+    manifest = svc._start_manifest(2, 0, (0.5, 1.0), (3 / 4, 4 / 3))
     plans = svc.plan_images(rows), svc.plan_texts(rows)  # planned before any shard is written
     for rank in (1, 0):
         svc.encode_images(plans[0], manifest, rank=rank, world=2)
-        svc.encode_texts(plans[1], rank=rank, world=2)
+        svc.encode_texts(plans[1], manifest, rank=rank, world=2)
     svc.finish_manifest(manifest)
     _service(teacher, tmp_path / "one").build(data, views=2)
     a, b = _arrays(tmp_path / "split"), _arrays(tmp_path / "one")

@@ -10,7 +10,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_parse(path):
     r = load_recipe(path)
-    assert r.teacher.name and r.student.name and r.train.max_steps > 0
+    assert (r.teacher.name or path.name.startswith("tune_")) and r.student.name and r.train.max_steps > 0
 
 
 def test_at_least_the_four_required_recipes():

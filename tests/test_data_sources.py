@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from distill.errors import DataError
+
 CAPTIONS = {
     "red.png": ["a red square", "一个红色的正方形"],
     "green.png": ["緑の円です 🟢"],
@@ -94,7 +96,7 @@ def test_hugging_face_dataset_dir(source, tmp_path):
     ds.save_to_disk(str(tmp_path / "hfds"))
     rows = load_rows(f"hf:{tmp_path / 'hfds'}")
     assert pairs(rows) == pairs(load_rows(write_formats(source)["csv"]))
-    with pytest.raises(KeyError, match="no caption column 'nope'"):
+    with pytest.raises(DataError, match="no caption column 'nope'"):
         load_rows(f"hf:{tmp_path / 'hfds'}", caption_column="nope")
 
 
@@ -177,8 +179,13 @@ def test_training_and_cache_skip_bad_rows(broken, teacher, student, tmp_path):
     cached = Distiller(teacher, student, output_dir=str(tmp_path / "cached"), cache=str(tmp_path / "cache"),
                        **opts).fit(str(broken))
     assert np.isfinite(cached.history["loss"]).all()
-    skipped = [json.loads(line) for line in (tmp_path / "cache" / "skipped.jsonl").read_text().splitlines()]
-    assert len(skipped) == 4  # truncated, zero-byte and missing images; the empty caption
+    for run in ("online", "cached"):  # each run lists every row it left out, once, with the reason
+        skipped = [json.loads(line) for line in (tmp_path / run / "skipped.jsonl").read_text().splitlines()]
+        assert sorted(s["reason"].split(" (")[0] for s in skipped) == [
+            "corrupt or truncated image", "empty caption", "empty file", "missing file"]
+    # rows the data layer already rejected never reach the teacher; the cache lists what it could not decode
+    in_cache = [json.loads(line) for line in (tmp_path / "cache" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["reason"].split(" (")[0] for s in in_cache] == ["corrupt or truncated image"]
 
 
 def test_packed_store_replays_the_same_crops(source, tmp_path):

@@ -90,4 +90,38 @@ def load_teacher(
     return teacher.to(device) if device is not None else teacher
 
 
-__all__ = ["TEACHERS", "Teacher", "load_teacher", "list_teachers", "register_teacher"]
+def expected_identity(name: str, pretrained: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """The fields of ``load_teacher(name, pretrained).identity`` that are known without loading the
+    model (backend, name, and the weights when they are a tag or a local file that can be hashed):
+    enough to tell a cache built with another teacher before any weights are read."""
+    from .base import file_hash
+
+    if name in TEACHERS:
+        meta = TEACHERS.meta(name)
+        return expected_identity(meta["source"], pretrained or meta.get("pretrained"), **kwargs)
+    if name.startswith("openclip:"):
+        out: dict[str, Any] = {"backend": "openclip", "name": name.split(":", 1)[1]}
+        if pretrained:
+            out["weights"] = file_hash(pretrained) if os.path.isfile(pretrained) else f"tag:{pretrained}"
+        return out
+    if name.startswith(("hf:", "text:")):
+        backend, source = name.split(":", 1)
+        out = {"backend": backend, "name": source}
+        folder = source
+        if backend == "text":
+            from ..students.text import resolve_pretrained
+
+            folder = resolve_pretrained(source)
+        weights = [os.path.join(folder, f) for f in ("model.safetensors", "pytorch_model.bin")
+                   if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, f))]
+        if weights and kwargs.get("pretrained", True):
+            out["weights"] = file_hash(weights[0])
+        return out
+    if os.path.isdir(name):
+        weights = os.path.join(name, "model.safetensors")
+        return {"backend": "folder", **({"weights": file_hash(weights)} if os.path.isfile(weights) else {})}
+    TEACHERS.get(name)  # raises UnknownNameError with close matches
+    raise AssertionError("unreachable")
+
+
+__all__ = ["TEACHERS", "Teacher", "load_teacher", "list_teachers", "register_teacher", "expected_identity"]

@@ -1,0 +1,114 @@
+"""Cache keys: an image is keyed by its bytes, a caption by its text.
+
+An image's key is a hash of its content, so the same picture has the same key however it is reached:
+from two CSVs, through a symlink, by a relative path from another folder, as in-memory ``Rows`` with
+another ``source``, or after the whole data folder moved. An edited file gets a new key (a path + size
+key would silently keep the old embedding of a same-sized edit). Reading every byte at every run would
+cost a pass over the data, so a build records each encoded file's real path, size and mtime: a file
+whose three match is keyed from that record without being read (``KeyIndex``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+KEY_CHARS = 20  # hex digits: 80 bits, no collision in any realistic data set
+MISSING = "missing:"  # prefix of the key of a file that could not be read (kept per path, so a later build retries it)
+
+
+def _hex(h) -> str:
+    return h.hexdigest()[:KEY_CHARS]
+
+
+def text_key(caption: str) -> str:
+    return _hex(hashlib.sha1(("text\0" + caption).encode("utf-8")))
+
+
+def bytes_key(data: bytes) -> str:
+    return _hex(hashlib.sha1(data))
+
+
+def _file_key(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return _hex(h)
+
+
+def locate(path: str) -> tuple[str, tuple[int, int] | None]:
+    """(real path, (size, mtime_ns)) of a file or a tar member (``tar::member``: the tar's stat);
+    stat is None when the file does not exist. Dataset rows (``hf://``) have no stat."""
+    if path.startswith("hf://"):
+        return path, None
+    file, sep, member = path.partition("::")
+    real = os.path.realpath(file)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real + sep + member, None
+    return real + sep + member, (st.st_size, st.st_mtime_ns)
+
+
+def content_key(path: str) -> str:
+    """Hash of the image's bytes (a file, a tar member or a dataset row); ``missing:...`` when unreadable."""
+    try:
+        if "::" in path or path.startswith("hf://"):
+            from ..data import _image_bytes
+
+            src = _image_bytes(path)
+            if hasattr(src, "convert"):  # a decoded dataset image: its pixels, shape and mode
+                return bytes_key(f"{src.mode}{src.size}".encode() + src.tobytes())
+            return bytes_key(src.read())
+        return _file_key(path)
+    except Exception:  # missing, unreadable: a row the run skips; the key is per path so a fixed file gets read
+        return MISSING + bytes_key(os.path.abspath(path).encode("utf-8"))
+
+
+class KeyIndex:
+    """real path -> (size, mtime_ns, key) of files whose content was hashed before."""
+
+    def __init__(self, entries: Iterable[tuple[str, int, int, str]] = ()):
+        self._known = {p: (size, mtime, key) for p, size, mtime, key in entries}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def get(self, real: str, stat: tuple[int, int] | None) -> str | None:
+        hit = self._known.get(real)
+        return hit[2] if hit is not None and stat is not None and hit[:2] == stat else None
+
+    def add(self, real: str, stat: tuple[int, int] | None, key: str) -> None:
+        if stat is not None and not key.startswith(MISSING):
+            self._known[real] = (*stat, key)
+
+    def paths(self) -> dict[str, str]:
+        """key -> one real path it was seen at (for "closest cached" hints)."""
+        return {key: p for p, (_, _, key) in self._known.items()}
+
+
+def image_keys(paths: Sequence[str], index: KeyIndex | None = None, progress: bool = True,
+               workers: int = 8) -> tuple[list[str], list[tuple[str, tuple[int, int] | None]]]:
+    """Keys of ``paths`` (content hashes; from ``index`` when a file's real path, size and mtime match),
+    and each path's (real path, stat) so a build can record them."""
+    index = index or KeyIndex()
+    located = [locate(p) for p in paths]
+    keys: list[str | None] = [index.get(real, st) for real, st in located]
+    todo = [i for i, k in enumerate(keys) if k is None]
+    if todo:
+        from tqdm.auto import tqdm
+
+        files = [i for i in todo if "::" not in paths[i] and not paths[i].startswith("hf://")]
+        plain = set(files)
+        others = [i for i in todo if i not in plain]  # tar handles are not shared across threads
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="hash images", unit="img",
+                                                       disable=not progress or len(todo) < 2000) as bar:
+            for i, key in zip(files, pool.map(content_key, [paths[i] for i in files])):
+                keys[i] = key
+                bar.update(1)
+            for i in others:
+                keys[i] = content_key(paths[i])
+                bar.update(1)
+    return keys, located  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""Errors a user can fix. Each message names what to fix: the file (and line or row), the recipe
+key, or the cache field. The ``distill`` CLI prints them as one line,
+``distill <command>: error: <message>``; anything else is a bug and keeps its traceback.
+
+Every type also derives from the built-in exception it refines (``ValueError``, ``KeyError``, ...),
+so code that caught those before keeps working.
+"""
+from __future__ import annotations
+
+
+class DistillError(Exception):
+    """Base of every error the user can fix."""
+
+
+class RecipeError(DistillError, ValueError):
+    """A recipe or option is invalid; the message starts with the key's dotted path."""
+
+
+class DataError(DistillError, ValueError):
+    """A data file or row cannot be used as it is; the message names the file and line or row."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or folder does not exist."""
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
+class CacheError(DistillError, ValueError):
+    """A teacher cache cannot be used: unfinished, damaged, unwritable or from an older version."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was built with another teacher, preprocessing or view policy; the message names the field."""
+
+
+class CacheMissError(CacheError):
+    """Rows have no teacher embedding in the cache and no teacher was named to encode them."""
+
+
+class RunConflictError(DistillError, ValueError):
+    """The output folder holds work of another run (or of this one, without ``train.resume``)."""
+
+
+class NonFiniteLossError(DistillError, FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+class UnknownNameError(DistillError, KeyError):
+    """A registry has no entry of that name; the message lists the closest ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(DistillError, ImportError):
+    """An optional package is needed; the message gives the pip command."""
+
+
+__all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "CacheError", "CacheMismatchError", "CacheMissError",
+           "RunConflictError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError"]

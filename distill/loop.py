@@ -1,0 +1,435 @@
+"""The training loop every run shares (distillation and tuning), through accelerate.
+
+``TrainLoop`` owns the optimiser, warm-up + cosine schedule, gradient accumulation and clipping, mixed
+precision, checkpoints and resume, logs, skipped rows and the NaN guard. A run is tied to its output
+folder: ``run.json`` and every checkpoint record what the run is (recipe, data, teacher, student), so
+a folder holding another run is never resumed, pruned or overwritten by accident.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._imports import require
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Recipe, save_recipe
+from .data import EpochBatchSampler, Rows, SkipLog
+from .errors import NonFiniteLossError, RecipeError, RunConflictError
+from .io import atomic_write_text, read_json, write_json
+from .precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    history: dict[str, list[float]]
+    model: nn.Module
+    model_dir: Path
+    steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+
+# Recipe fields that do not change what a run computes: a resumed run may differ in them.
+_NOT_RUN_FIELDS = {
+    "train": ("output_dir", "resume", "overwrite", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+              "progress", "health_every", "health_rows", "cpu", "grad_checkpointing", "channels_last", "compile"),
+    "data": ("train", "num_workers"),
+    "cache": ("dir", "allow_stale"),
+}
+RUN_FILES = ("log.jsonl", "health.jsonl", "skipped.jsonl", "run.json")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    o, t = cfg.optim, cfg.train
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, t.max_steps - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def data_fingerprint(rows: Rows) -> str:
+    """Hash of what a run trains on, row by row: file name and size of each image, and its caption.
+    Independent of where the data folder lives, so a moved folder still resumes."""
+    import os
+
+    h = hashlib.sha256()
+    for p, c in zip(rows.images, rows.captions):
+        size = -1
+        if p and "::" not in p and "://" not in p:
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                pass
+        h.update(f"{os.path.basename(p.split('::')[-1]) if p else ''}\0{size}\0{c or ''}\n".encode("utf-8"))
+    return h.hexdigest()[:20]
+
+
+def run_identity(recipe: Recipe, **parts: Any) -> dict[str, Any]:
+    """What makes a run this run: the recipe fields that change its numbers, plus ``parts`` (teacher
+    identity, student config, data fingerprint)."""
+    rec = recipe.to_dict()
+    for section, keys in _NOT_RUN_FIELDS.items():
+        for k in keys:
+            rec[section].pop(k, None)
+    return {"recipe": rec, **parts}
+
+
+def _hash(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [f"{path}: {a!r} there vs {b!r} now"]
+
+
+def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: bool = True) -> Path | None:
+    """Make ``output_dir`` this run's: returns the checkpoint to resume from (or None to start).
+
+    A folder that holds work (checkpoints, logs, a saved model) is resumed only with ``train.resume``
+    and only when its checkpoints record this same run; ``train.overwrite`` deletes that work first.
+    Anything else stops with RunConflictError, naming what differs. Only the main process writes."""
+    root = output_dir / "checkpoints"
+    ckpts = list_checkpoints(root)
+    work = [output_dir / f for f in RUN_FILES[:1] if (output_dir / f).exists()] + ckpts
+    for model in ("student", "model"):
+        if (output_dir / model / "model.safetensors").exists():
+            work.append(output_dir / model)
+    rid = _hash(run)
+    if train_cfg.overwrite and (work or root.exists()):
+        if main:
+            log.warning("train.overwrite: deleting the previous run in %s", output_dir)
+            for f in RUN_FILES:
+                (output_dir / f).unlink(missing_ok=True)
+            for d in (root, output_dir / "student", output_dir / "model"):
+                shutil.rmtree(d, ignore_errors=True)
+        ckpts, work = [], []
+    if not work:
+        return None
+    if not train_cfg.resume:
+        what = f"checkpoints up to step {ckpts[-1].name.split('_')[-1].lstrip('0') or 0}" if ckpts else \
+            "the logs or model of an earlier run"
+        raise RunConflictError(f"{output_dir} already holds {what}; add train.resume=true to continue that run, "
+                               "train.overwrite=true to delete it and start again, or choose another train.output_dir")
+    if not ckpts:  # logs of a run that died before its first checkpoint: start it again
+        _check_same_run(output_dir, run, rid, None)
+        if main:
+            for f in RUN_FILES[:3]:
+                (output_dir / f).unlink(missing_ok=True)
+        return None
+    _check_same_run(output_dir, run, rid, read_json(ckpts[-1] / "state.json").get("run"))
+    return ckpts[-1]
+
+
+def _check_same_run(output_dir: Path, run: dict[str, Any], rid: str, ckpt_rid: str | None) -> None:
+    recorded = read_json(output_dir / "run.json") if (output_dir / "run.json").exists() else None
+    recorded_id = recorded.get("id") if isinstance(recorded, dict) else None
+    if ckpt_rid is not None and recorded_id not in (None, ckpt_rid):
+        recorded = None  # run.json is of a later attempt; the checkpoint's own id decides
+    theirs = ckpt_rid or recorded_id
+    if theirs == rid:
+        return
+    if theirs is None:
+        raise RunConflictError(f"{output_dir} holds checkpoints that record no run (an older clip-distill): they "
+                               "cannot be matched to this recipe; use train.overwrite=true or another train.output_dir")
+    diff = _differences(recorded["run"], run) if recorded and "run" in recorded else []
+    detail = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "") if diff else \
+        "recipe, data, teacher or student"
+    raise RunConflictError(f"{output_dir} holds checkpoints of another run ({detail}); train.resume continues only "
+                           "the same run: use another train.output_dir, or train.overwrite=true to delete that one")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` up to ``step``: a resumed run writes the later ones again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            # biases, norms, embeddings' scale and the temperature are not decayed (CLIP/timm practice)
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def image_reader(data_cfg):
+    """A PackedImages store when the recipe names one (``data.packed``), else None (decode files)."""
+    if not data_cfg.packed:
+        return None
+    from .pack import PackedImages
+
+    return PackedImages(data_cfg.packed)
+
+
+def make_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; ``adamw8bit`` keeps its state in 8 bits (bitsandbytes)."""
+    groups = _param_groups(module, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise RecipeError("optim.optimizer: adamw8bit needs a CUDA GPU; use adamw on CPU")
+        bnb = require("bitsandbytes", "optim.optimizer=adamw8bit")
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    raise RecipeError(f"optim.optimizer: {cfg.optimizer!r} is not one of adamw, adamw8bit")
+
+
+def apply_memory_options(module: nn.Module, t) -> None:
+    """Gradient checkpointing, channels_last and torch.compile on the trained towers (in place, so
+    state-dict keys and checkpoints are unchanged)."""
+    model = getattr(module, "student", None) or getattr(module, "model", None)
+    if model is None:
+        return
+    if t.grad_checkpointing and not model.set_grad_checkpointing(True):
+        log.warning("train.grad_checkpointing: no tower of this model supports it; ignored")
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)  # only 4-D (conv) weights change layout
+    if t.compile:
+        for tower in (model.image, model.text):
+            if tower is not None:
+                (tower.trunk if hasattr(tower, "trunk") else tower.encoder).compile()
+
+
+class TrainLoop:
+    """Runs ``max_steps`` optimiser steps of ``modules(batch) -> (loss, terms)``: the module's forward
+    is the loss, so accelerate's DDP wrapper sees the whole step.
+
+    Args:
+        make_loader: ``(batches consumed, rank, world) -> batch iterator``.
+        run: what this run is (``run_identity``): checkpoints are tied to it.
+        skips: the run's SkipLog; ``rows`` the dataset's rows (batch ``skipped`` entries index them).
+        hooks: called with the step number on the main process after each step.
+    """
+
+    def __init__(self, recipe: Recipe, modules: nn.Module, make_loader: Callable[[int, int, int], Iterator],
+                 run: dict[str, Any] | None = None, rows: Rows | None = None, skips: SkipLog | None = None,
+                 images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
+                 hooks: Sequence[Callable[[int], Any]] = ()):
+        self.cfg = recipe
+        self.modules = modules
+        self.make_loader = make_loader
+        self.run_info = run or run_identity(recipe)
+        self.rows, self.skips = rows, skips
+        self.images_per_batch = images_per_batch
+        self.hooks = hooks
+        self.output_dir = Path(recipe.train.output_dir)
+        self.resume_from: Path | None = None
+        self._claimed = False
+
+    def claim(self) -> Path | None:
+        """Check the output folder against this run (see ``claim_output_dir``); call before writing there."""
+        if not self._claimed:
+            self.resume_from = claim_output_dir(self.output_dir, self.cfg.train, self.run_info)
+            self._claimed = True
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                step = int(read_json(self.resume_from / "state.json")["step"])
+                for f in ("log.jsonl", "health.jsonl"):
+                    _truncate_log(self.output_dir / f, step)
+            write_json(self.output_dir / "run.json", {"id": _hash(self.run_info), "run": self.run_info})
+        return self.resume_from
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        t = self.cfg.train
+        log_with = "tensorboard" if _has_tensorboard() else None
+        return Accelerator(
+            mixed_precision=resolve_precision(t.precision, t.cpu), gradient_accumulation_steps=t.grad_accum,
+            cpu=t.cpu, log_with=log_with, project_dir=str(self.output_dir),
+        )
+
+    def run(self) -> tuple[dict[str, list[float]], int]:
+        cfg, t = self.cfg, self.cfg.train
+        resume_from = self.claim()
+        seed_everything(t.seed)
+        acc = self._accelerator()
+        self.device = acc.device
+        if acc.is_main_process:
+            save_recipe(cfg, self.output_dir / "recipe.yaml")
+        self.modules.to(acc.device)
+        apply_memory_options(self.modules, t)
+        optimizer = make_optimizer(self.modules, cfg.optim, acc.device)
+        model, optimizer = acc.prepare(self.modules, optimizer)
+        step, consumed, history = 0, 0, {"loss": []}
+        ckpt_root = self.output_dir / "checkpoints"
+        rid = _hash(self.run_info)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, acc.unwrap_model(model), optimizer, scaler=acc.scaler,
+                                    extra=self.modules)
+            step, consumed, history = state["step"], state["consumed"], state["history"]
+            if state.get("max_steps") not in (None, t.max_steps):
+                log.warning("train.max_steps is %d now, %d when the run started: the learning-rate schedule "
+                            "follows the new value from here", t.max_steps, state["max_steps"])
+            acc.print(f"resumed from {resume_from} (step {step})")
+        if acc.log_with:
+            acc.init_trackers("distill", config=_flat(cfg.to_dict()))
+        loader = self.make_loader(consumed, acc.process_index, acc.num_processes)
+        bar = _progress(t.max_steps, step, enabled=t.progress and acc.is_local_main_process)
+        model.train()
+        tic, seen = time.perf_counter(), 0
+        while step < t.max_steps:
+            total, terms_sum = 0.0, {}
+            for _ in range(t.grad_accum):
+                batch, n_batches = self._next_batch(loader)
+                consumed += n_batches
+                seen += self.images_per_batch(batch)
+                with acc.accumulate(model), acc.autocast():
+                    loss, terms = model(batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. "
+                            f"Last checkpoint: {(list_checkpoints(ckpt_root) or ['none'])[-1]}. "
+                            "Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        for g in optimizer.param_groups:
+                            g["lr"] = lr_at(step, cfg)
+                        if cfg.optim.grad_clip > 0:
+                            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                total += float(loss.detach()) / t.grad_accum
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v / t.grad_accum
+            step += 1
+            self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc)
+            rate = seen / max(1e-9, time.perf_counter() - tic)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}")
+            if acc.is_main_process:
+                for hook in self.hooks:
+                    hook(step)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
+                                    {"consumed": consumed, "history": history, "run": rid, "max_steps": t.max_steps},
+                                    keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules)
+        bar.close()
+        if acc.log_with:
+            acc.end_training()
+        self.samples_per_s = seen / max(1e-9, time.perf_counter() - tic)
+        self.is_main = acc.is_main_process
+        if self.skips is not None and self.skips.count:
+            log.warning(self.skips.summary())
+        return history, step
+
+    def _next_batch(self, loader: Iterator) -> tuple[dict[str, Any], int]:
+        """Next batch with rows; rows left out (unreadable images...) go to the SkipLog."""
+        n = 0
+        while True:
+            batch = next(loader)
+            n += 1
+            if self.skips is not None and self.rows is not None:
+                for i, reason in batch.get("skipped", ()):
+                    self.skips.add(self.rows, int(i), reason)
+            if "index" in batch:
+                return batch, n
+            if n > 1000:
+                from .errors import DataError
+
+                raise DataError("1000 batches in a row had no usable rows; run `distill data check` on the data")
+
+    def _record(self, history, step, loss, terms, lr, acc) -> None:
+        history["loss"].append(loss)
+        history.setdefault("lr", []).append(lr)
+        for k, v in terms.items():
+            history.setdefault(k, []).append(v)
+        if acc.log_with:
+            acc.log({"loss": loss, "lr": lr, **terms}, step=step)
+        if acc.is_main_process and (step % self.cfg.train.log_every == 0 or step == 1):
+            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms}) + "\n")
+
+
+def _has_tensorboard() -> bool:
+    from ._imports import is_available
+
+    return is_available("tensorboard") or is_available("tensorboardX")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_workers: int, pin: bool):
+    """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator."""
+
+    def make(consumed: int, rank: int, world: int) -> Iterator:
+        sampler = _RankSampler(EpochBatchSampler(len(dataset), batch_size, seed), consumed, rank, world)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            pin_memory=pin, persistent_workers=False,
+        )
+        return iter(loader)
+
+    return make
+
+
+class _RankSampler(torch.utils.data.Sampler):
+    """Process ``rank`` of ``world`` takes every world-th batch, starting after ``consumed`` of its own."""
+
+    def __init__(self, base: EpochBatchSampler, consumed: int, rank: int, world: int):
+        self.base, self.consumed, self.rank, self.world = base, consumed, rank, world
+
+    def __iter__(self):
+        self.base.start_batch = self.consumed * self.world
+        for k, batch in enumerate(self.base):
+            if k % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.base)
