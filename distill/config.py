@@ -96,6 +96,7 @@ class TrainCfg:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     channels_last: bool = False  # NHWC memory format for CNN students (faster convs with autocast)
     compile: bool = False  # torch.compile the student (first steps are slow while it compiles)
+    dist_timeout: int = 1800  # seconds a process waits for the others (several processes) before the run stops
 
 
 @dataclass
@@ -383,6 +384,7 @@ RULES: dict[str, Any] = {
     "train.log_every": _at_least(1),
     "train.health_every": _at_least(0),
     "train.health_rows": _at_least(0),
+    "train.dist_timeout": _at_least(1),
     "tune.lock": _one_of(*LOCKS),
     "tune.init_temperature": _above(0),
     "tune.embed_dim": _at_least(1),

@@ -20,11 +20,23 @@ class DataError(DistillError, ValueError):
     """A data file or row cannot be used as it is; the message names the file and line or row."""
 
 
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A data file or folder does not exist."""
+class MissingFileError(DistillError, FileNotFoundError):
+    """A file or folder the command needs does not exist; the message names it and what makes one."""
 
     def __str__(self) -> str:  # OSError would format (errno, strerror)
         return str(self.args[0]) if self.args else ""
+
+
+class DataNotFoundError(DataError, MissingFileError):
+    """A data file or folder does not exist."""
+
+
+class FileFormatError(DistillError, ValueError):
+    """A file is not what it should be (another format, damaged); the message names it."""
+
+
+class ModelError(DistillError, ValueError):
+    """A model cannot do what was asked (no image tower, another embedding size, not a CLIP model)."""
 
 
 class CacheError(DistillError, ValueError):
@@ -43,6 +55,14 @@ class RunConflictError(DistillError, ValueError):
     """The output folder holds work of another run (or of this one, without ``train.resume``)."""
 
 
+class ExportError(DistillError, ValueError):
+    """The student cannot be written exactly in the asked format; the message says why and what to use."""
+
+
+class ExportGateError(DistillError, RuntimeError):
+    """The exported model's embeddings are too far from the PyTorch student's (the parity gate)."""
+
+
 class NonFiniteLossError(DistillError, FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
@@ -58,5 +78,6 @@ class MissingDependencyError(DistillError, ImportError):
     """An optional package is needed; the message gives the pip command."""
 
 
-__all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "CacheError", "CacheMismatchError", "CacheMissError",
-           "RunConflictError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError"]
+__all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "MissingFileError", "FileFormatError",
+           "ModelError", "CacheError", "CacheMismatchError", "CacheMissError",
+           "RunConflictError", "ExportError", "ExportGateError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError"]

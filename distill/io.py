@@ -44,12 +44,19 @@ def read_json(path: str | Path) -> Any:
 def read_format_json(path: str | Path, expected: str, hint: str) -> Any:
     """Read a JSON file that names its ``format``: fails naming the folder when it is missing
     (with ``hint`` on what makes one) and naming the file when it holds another format."""
+    from .errors import FileFormatError, MissingFileError
+
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path.parent}: no {path.name}; {hint}")
-    data = read_json(path)
-    if data.get("format") != expected:
-        raise ValueError(f"{path}: format {data.get('format')!r}, expected {expected!r}")
+        what = "no such folder" if not path.parent.exists() else f"no {path.name}"
+        raise MissingFileError(f"{path.parent}: {what}; {hint}")
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise FileFormatError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != expected:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise FileFormatError(f"{path}: format {found!r}, expected {expected!r}")
     return data
 
 

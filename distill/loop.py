@@ -7,6 +7,7 @@ a folder holding another run is never resumed, pruned or overwritten by accident
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import dist
 from ._imports import require
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Recipe, save_recipe
@@ -49,7 +51,8 @@ class FitResult:
 # Recipe fields that do not change what a run computes: a resumed run may differ in them.
 _NOT_RUN_FIELDS = {
     "train": ("output_dir", "resume", "overwrite", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-              "progress", "health_every", "health_rows", "cpu", "grad_checkpointing", "channels_last", "compile"),
+              "progress", "health_every", "health_rows", "cpu", "grad_checkpointing", "channels_last", "compile",
+              "dist_timeout"),
     "data": ("train", "num_workers"),
     "cache": ("dir", "allow_stale"),
 }
@@ -256,16 +259,30 @@ class TrainLoop:
         self._claimed = False
 
     def claim(self) -> Path | None:
-        """Check the output folder against this run (see ``claim_output_dir``); call before writing there."""
-        if not self._claimed:
-            self.resume_from = claim_output_dir(self.output_dir, self.cfg.train, self.run_info)
-            self._claimed = True
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume_from is not None:
-                step = int(read_json(self.resume_from / "state.json")["step"])
-                for f in ("log.jsonl", "health.jsonl"):
-                    _truncate_log(self.output_dir / f, step)
-            write_json(self.output_dir / "run.json", {"id": _hash(self.run_info), "run": self.run_info})
+        """Check the output folder against this run (see ``claim_output_dir``); call before writing there.
+        The main process decides and writes; every process gets its decision (or its error)."""
+        if self._claimed:
+            return self.resume_from
+        t = self.cfg.train
+        dist.state(cpu=t.cpu, timeout_s=t.dist_timeout)  # the process group, with the run's timeout
+        outcome: tuple[str, str] = ("ok", "")
+        if dist.is_main():
+            try:
+                found = claim_output_dir(self.output_dir, t, self.run_info)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                if found is not None:
+                    step = int(read_json(found / "state.json")["step"])
+                    for f in ("log.jsonl", "health.jsonl"):
+                        _truncate_log(self.output_dir / f, step)
+                write_json(self.output_dir / "run.json", {"id": _hash(self.run_info), "run": self.run_info})
+                outcome = ("ok", str(found) if found is not None else "")
+            except RunConflictError as e:
+                outcome = ("conflict", str(e))
+        outcome = dist.broadcast_object(outcome)
+        if outcome[0] == "conflict":
+            raise RunConflictError(outcome[1])
+        self.resume_from = Path(outcome[1]) if outcome[1] else None
+        self._claimed = True
         return self.resume_from
 
     def _accelerator(self):
@@ -273,9 +290,13 @@ class TrainLoop:
 
         t = self.cfg.train
         log_with = "tensorboard" if _has_tensorboard() else None
+        from accelerate.utils import InitProcessGroupKwargs
+
+        dist.state(cpu=t.cpu, timeout_s=t.dist_timeout)
         return Accelerator(
             mixed_precision=resolve_precision(t.precision, t.cpu), gradient_accumulation_steps=t.grad_accum,
             cpu=t.cpu, log_with=log_with, project_dir=str(self.output_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout))],
         )
 
     def run(self) -> tuple[dict[str, list[float]], int]:
@@ -312,14 +333,10 @@ class TrainLoop:
             for _ in range(t.grad_accum):
                 batch, n_batches = self._next_batch(loader)
                 consumed += n_batches
-                seen += self.images_per_batch(batch)
+                seen += self.images_per_batch(batch) * acc.num_processes
                 with acc.accumulate(model), acc.autocast():
-                    loss, terms = model(batch)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. "
-                            f"Last checkpoint: {(list_checkpoints(ckpt_root) or ['none'])[-1]}. "
-                            "Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
+                    loss, terms, error = self._forward(model, batch, step)
+                    self._stop_together(error, loss, terms, step, ckpt_root)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         for g in optimizer.param_groups:
@@ -328,8 +345,11 @@ class TrainLoop:
                             acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach()) / t.grad_accum
-                for k, v in terms.items():
+                # the loss of the whole global batch: the mean over processes
+                values = dist.mean(torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64,
+                                                device=dist.collective_device(acc.device)))
+                total += float(values[0]) / t.grad_accum
+                for k, v in zip(terms, values[1:].tolist()):
                     terms_sum[k] = terms_sum.get(k, 0.0) + v / t.grad_accum
             step += 1
             self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc)
@@ -345,6 +365,7 @@ class TrainLoop:
                     save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
                                     {"consumed": consumed, "history": history, "run": rid, "max_steps": t.max_steps},
                                     keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules)
+                acc.wait_for_everyone()  # no process runs ahead of a checkpoint being written
         bar.close()
         if acc.log_with:
             acc.end_training()
@@ -354,14 +375,52 @@ class TrainLoop:
             log.warning(self.skips.summary())
         return history, step
 
+    @staticmethod
+    def _forward(model, batch, step: int):
+        """(loss, terms, error): an error of this process is held until every process knows (a stop
+        on one process alone would leave the others waiting in the next collective)."""
+        try:
+            loss, terms = model(batch)
+            return loss, terms, None
+        except Exception as e:  # noqa: BLE001: re-raised by _stop_together on every process
+            return None, {}, e
+
+    def _stop_together(self, error, loss, terms, step: int, ckpt_root: Path) -> None:
+        """Stop every process when any process hit an error or a non-finite loss, with its message."""
+        bad = error is not None or not bool(torch.isfinite(loss.detach()).all())
+        if not dist.any_process(bad):
+            return
+        if error is not None:
+            msg = f"{type(error).__name__}: {error}"
+        elif bad:
+            last = (list_checkpoints(ckpt_root) or ["none"])[-1]
+            msg = (f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. Last checkpoint: "
+                   f"{last}. Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
+        else:
+            msg = ""
+        reports = dist.gather_objects((dist.rank(), msg, error is not None))
+        if error is not None:
+            raise error  # this process's own error, with its type and traceback
+        who, first, failed = next(r for r in reports if r[1])
+        where = f" (process {who} of {dist.world()})" if dist.world() > 1 else ""
+        if failed:
+            from .errors import DistillError
+
+            raise DistillError(f"stopped because another process failed{where}: {first}")
+        raise NonFiniteLossError(first + where)
+
     def _next_batch(self, loader: Iterator) -> tuple[dict[str, Any], int]:
-        """Next batch with rows; rows left out (unreadable images...) go to the SkipLog."""
+        """Next batch with rows; rows left out (unreadable images...) go to the SkipLog (of the main
+        process, which hears of every process's)."""
         n = 0
         while True:
             batch = next(loader)
             n += 1
+            skipped = list(batch.get("skipped", ()))
+            if dist.world() > 1:
+                skipped = [x for part in dist.gather_objects(skipped) for x in part]
             if self.skips is not None and self.rows is not None:
-                for i, reason in batch.get("skipped", ()):
+                for i, reason in skipped:
                     self.skips.add(self.rows, int(i), reason)
             if "index" in batch:
                 return batch, n
@@ -409,7 +468,7 @@ def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_worker
     """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator."""
 
     def make(consumed: int, rank: int, world: int) -> Iterator:
-        sampler = _RankSampler(EpochBatchSampler(len(dataset), batch_size, seed), consumed, rank, world)
+        sampler = _RankSampler(EpochBatchSampler(len(dataset), batch_size * world, seed), consumed, rank, world)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
             pin_memory=pin, persistent_workers=False,
@@ -420,16 +479,18 @@ def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_worker
 
 
 class _RankSampler(torch.utils.data.Sampler):
-    """Process ``rank`` of ``world`` takes every world-th batch, starting after ``consumed`` of its own."""
+    """Process ``rank`` of ``world`` takes its slice of each global batch (``world`` x the micro-batch),
+    starting after ``consumed`` batches: N processes at micro-batch B see, step by step, exactly the
+    rows one process sees at N*B."""
 
     def __init__(self, base: EpochBatchSampler, consumed: int, rank: int, world: int):
         self.base, self.consumed, self.rank, self.world = base, consumed, rank, world
 
     def __iter__(self):
-        self.base.start_batch = self.consumed * self.world
-        for k, batch in enumerate(self.base):
-            if k % self.world == self.rank:
-                yield batch
+        self.base.start_batch = self.consumed
+        for batch in self.base:
+            per = -(-len(batch) // self.world)
+            yield batch[self.rank * per:(self.rank + 1) * per]
 
     def __len__(self) -> int:
         return len(self.base)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dist import gather_rows
 from .errors import RecipeError
 from .registry import Registry
 
@@ -57,7 +58,10 @@ class Embeddings:
 
 def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
     if not terms:
-        raise ValueError("no student/teacher embeddings to compare in this batch")
+        from .errors import ModelError
+
+        raise ModelError("no student/teacher embeddings to compare in this batch: the student's towers and the "
+                         "teacher's (or the cache's) embeddings have no modality in common")
     return torch.stack(terms).mean()
 
 
@@ -135,16 +139,21 @@ def same_target(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> torch.Te
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None = None,
-              queue: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              queue: tuple[str, torch.Tensor, torch.Tensor] | None = None, gather: bool = True) -> torch.Tensor:
     """Symmetric CLIP InfoNCE between paired image and text embeddings (normalised here).
 
     ``ids``: one id per pair; pairs with the same id (the same caption, as with class prompts) are
     all positives. ``queue``: ``(side, embeddings, ids)`` of past, frozen ``side`` ("image" or "text")
-    embeddings, added as extra columns (negatives, or positives where ids match) for the other side's rows."""
+    embeddings, added as extra columns (negatives, or positives where ids match) for the other side's rows.
+    ``gather``: under several processes each process's rows are scored against the columns of every
+    process (gradients flow back to their owners), so N processes x B equal one process x N*B."""
     img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
     scale = logit_scale.exp().clamp(max=100)
-    ids = ids.to(img.device) if ids is not None else torch.arange(len(img), device=img.device)
-    cols_txt, ids_txt, cols_img, ids_img = txt, ids, img, ids
+    img_all, offset = gather_rows(img, with_grad=True) if gather else (img, 0)
+    txt_all, _ = gather_rows(txt, with_grad=True) if gather else (txt, 0)
+    ids = ids.to(img.device) if ids is not None else torch.arange(len(img), device=img.device) + offset
+    ids_all = gather_rows(ids)[0] if gather else ids
+    cols_txt, ids_txt, cols_img, ids_img = txt_all, ids_all, img_all, ids_all
     if queue is not None and len(queue[1]):
         side, q, q_ids = queue
         q, q_ids = q.to(img.device), q_ids.to(img.device)
@@ -165,6 +174,11 @@ class ContrastiveLoss(nn.Module):
     class prompt): those are positives too (``info_nce``). Falls back to the teacher's same-modality
     embeddings when the batch has no other modality (image-only or text-only data).
 
+    ``gather`` (default): under several processes the teacher references of every process are the
+    columns of each process's student rows (and every student row a column of the reverse term,
+    gradients flowing back to its process), so N processes at micro-batch B compute the loss of one
+    process at N*B. Off, each process sees only its own micro-batch as negatives.
+
     ``queue``: keep this many past teacher references as extra negatives for the student rows
     (MoCo-style; free with a cache, since teacher embeddings never change), so a micro-batch of 32
     still sees thousands of negatives. Queue entries equal to a row's own reference count as its
@@ -172,8 +186,9 @@ class ContrastiveLoss(nn.Module):
     """
 
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0,
-                 queue: int = 0):
+                 queue: int = 0, gather: bool = True):
         super().__init__()
+        self.gather = gather
         if not init_temperature > 0:
             raise RecipeError(f"loss.kwargs.contrastive.init_temperature: {init_temperature!r} must be > 0")
         if int(queue) < 0:
@@ -191,15 +206,17 @@ class ContrastiveLoss(nn.Module):
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         terms = []
         for k, (s, _, ref) in enumerate(e.cross_pairs()):
-            cols = ref
+            ref_all = gather_rows(ref)[0] if self.gather else ref  # teacher side: no gradient to send
+            s_all = gather_rows(s, with_grad=True)[0] if self.gather else s
+            cols = ref_all
             q = self._queues.get(k)
             if q is not None and q.emb is not None and q.emb.shape[-1] == ref.shape[-1]:
-                cols = torch.cat([ref, q.emb.to(ref.device)])
+                cols = torch.cat([ref_all, q.emb.to(ref.device)])
             forward = info_nce(s, cols, same_target(ref, cols), scale)
-            reverse = info_nce(ref, s, same_target(ref, ref), scale)
+            reverse = info_nce(ref, s_all, same_target(ref, ref_all), scale)
             terms.append((forward + reverse) / 2)
-            if self.queue_size and self.training:
-                self._queues.setdefault(k, EmbeddingQueue(self.queue_size)).push(ref)
+            if self.queue_size and self.training:  # every process pushes the same rows: one queue
+                self._queues.setdefault(k, EmbeddingQueue(self.queue_size)).push(ref_all)
         return _mean(terms)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -217,15 +234,17 @@ class AffinityLoss(nn.Module):
     """KL(teacher || student) between in-batch similarity distributions: each student row's
     softmax over similarities to the teacher reference batch is pulled to the teacher's."""
 
-    def __init__(self, tau: float = 0.1):
+    def __init__(self, tau: float = 0.1, gather: bool = True):
         super().__init__()
         if not tau > 0:
             raise RecipeError(f"loss.kwargs.affinity.tau: {tau!r} must be > 0")
         self.tau = tau
+        self.gather = gather  # the references of every process, as ContrastiveLoss does
 
     def forward(self, e: Embeddings) -> torch.Tensor:
         terms = []
         for s, t, ref in e.cross_pairs():
+            ref = gather_rows(ref)[0] if self.gather else ref
             log_p_s = F.log_softmax(s @ ref.t() / self.tau, dim=-1)
             log_p_t = F.log_softmax(t @ ref.t() / self.tau, dim=-1)
             terms.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean"))

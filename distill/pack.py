@@ -53,7 +53,9 @@ def pack_images(source: Any, out: str | os.PathLike, size: int = 224, shard_size
     rows = as_rows(source)
     paths = list(dict.fromkeys(p for p in rows.images if p))
     if not paths:
-        raise ValueError(f"{rows.source}: no images to pack")
+        from .errors import DataError
+
+        raise DataError(f"{rows.source}: no images to pack")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, list[int]] = {}

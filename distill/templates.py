@@ -101,5 +101,7 @@ def load_templates(spec: str | None) -> tuple[str, ...]:
     lines = [l.strip() for l in Path(spec).read_text(encoding="utf-8").splitlines() if l.strip()]
     bad = [l for l in lines if "{}" not in l]
     if bad:
-        raise ValueError(f"{spec}: template without a {{}} placeholder: {bad[0]!r}")
+        from .errors import DataError
+
+        raise DataError(f"{spec}: template without a {{}} placeholder: {bad[0]!r}")
     return tuple(lines)

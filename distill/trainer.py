@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dist
 from .config import DEFAULT_TEACHER, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
 from .errors import CacheError, CacheMismatchError, DataError, RecipeError, UnknownNameError
@@ -230,7 +231,7 @@ class Distiller:
                          run=run, rows=train_rows)
         loop.claim()  # before anything is written into the output folder
         out = Path(r.train.output_dir)
-        loop.skips = SkipLog(out / "skipped.jsonl", resume=loop.resume_from is not None)
+        loop.skips = SkipLog(out / "skipped.jsonl", write=dist.is_main(), resume=loop.resume_from is not None)
         for rs, i, reason in skipped:
             loop.skips.add(rs, i, reason)
         if not len(train_rows):
@@ -238,7 +239,7 @@ class Distiller:
                             f"({loop.skips.summary() or 'the data is empty'})")
         health = self._health(rows.subset(held), [keys[0][i] for i in held] if keys else None,
                               [keys[1][i] for i in held] if keys else None, teacher, student, loop.skips) \
-            if held else None
+            if held and dist.is_main() else None  # the main process checks and writes health.jsonl
         hooks = [lambda step: health(student, step) if step % r.train.health_every == 0 else None] if health else []
         loop.hooks = hooks
         history, steps = loop.run()

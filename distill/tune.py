@@ -22,12 +22,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import dist
 from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
 from .data import PairDataset, SkipLog, as_rows, make_collate, split_usable
+from .dist import gather_rows
 from .errors import DataError, RecipeError
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
-from .loop import FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity, seed_everything
+from .loop import (FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity,
+                   seed_everything)
 from .transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,8 @@ class TuneStep(nn.Module):
         self.lock = lock
         self.queue = EmbeddingQueue(queue) if queue > 0 else None
         self._text_rows = text_table[0] if text_table else None
-        self.register_buffer("text_table", text_table[1] if text_table else None, persistent=False)
+        # a plain attribute, not a buffer: DDP would broadcast a buffer from the main process every step
+        self._text_table = [text_table[1]] if text_table else None
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return self.queue.state("queue.") if self.queue is not None else {}
@@ -75,16 +79,18 @@ class TuneStep(nn.Module):
         pix = normalize(batch["views"]["model"].to(dev, non_blocking=True), model.preprocess)
         with torch.set_grad_enabled(lock != "image"):
             img = model.image_features(pix)
-        if self.text_table is not None:
-            txt = self.text_table[torch.tensor([self._text_rows[c] for c in batch["captions"]], device=dev)]
+        if self._text_table is not None:
+            if self._text_table[0].device != dev:
+                self._text_table[0] = self._text_table[0].to(dev)
+            txt = self._text_table[0][torch.tensor([self._text_rows[c] for c in batch["captions"]], device=dev)]
         else:
             with torch.set_grad_enabled(lock != "text"):
                 txt = model.text_features(batch["tokens"]["model"])
         ids = caption_ids(batch["captions"]).to(dev)
         side = {"text": "text", "image": "image"}.get(lock)
         loss = clip_loss(img, txt, self.loss.logit_scale, ids, self.queue.get(side) if self.queue else None)
-        if self.queue is not None:
-            self.queue.push(txt if side == "text" else img, ids)
+        if self.queue is not None:  # every process pushes every process's rows: one queue
+            self.queue.push(gather_rows(txt if side == "text" else img)[0], gather_rows(ids)[0])
         return loss, {"clip": float(loss.detach()), "temperature": float(1 / self.loss.logit_scale.detach().exp())}
 
 
@@ -96,7 +102,7 @@ def _linear_names(module: nn.Module) -> list[str]:
         names = [n for n, m in module.named_modules() if isinstance(m, kind) and n and n not in inside_mha]
         if names:
             return names
-    raise ValueError("no Linear or Conv2d layer to put LoRA adapters on")
+    raise RecipeError("tune.lock: lora needs a Linear or Conv2d layer to put adapters on; this tower has none")
 
 
 def add_lora(model, towers: str = "both", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -197,7 +203,8 @@ class Tuner:
         loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
                                                       r.data.num_workers, pin), run=run, rows=rows)
         loop.claim()  # before anything is written into the output folder
-        loop.skips = SkipLog(Path(r.train.output_dir) / "skipped.jsonl", resume=loop.resume_from is not None)
+        loop.skips = SkipLog(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
+                             resume=loop.resume_from is not None)
         for rs, i, reason in skipped:
             loop.skips.add(rs, i, reason)
         if not len(rows):

@@ -156,3 +156,83 @@ def test_export_cli_onnx_and_gate_exit_code(pair, tmp_path, capsys):
     # an impossible threshold: the gate fails with exit code 3 and still leaves the parity table
     assert main(["export", str(folder), "--format", "onnx-fp16", "--threshold", "1.01", "--out", str(tmp_path / "g")]) == 3
     assert (tmp_path / "g" / "parity.md").exists()
+
+
+def test_gate_catches_one_broken_sample_the_mean_hides(pair, shapes, tmp_path, monkeypatch):
+    from distill import export as export_mod
+    from distill.runtime import OnnxStudent
+
+    _, folder = pair
+    real = OnnxStudent.encode_image
+
+    def one_off(self, images, batch_size=32):  # sample 0 turned to cosine 0.97; the other 39 exact
+        out = real(self, images, batch_size)
+        v = out[0]
+        w = np.roll(v, 1) - (np.roll(v, 1) @ v) * v
+        out[0] = 0.97 * v + np.sqrt(1 - 0.97 ** 2) * w / np.linalg.norm(w)
+        return out
+
+    monkeypatch.setattr(OnnxStudent, "encode_image", one_off)
+    with pytest.raises(export_mod.ExportGateError, match="image tower 1st-percentile cosine 0.98") as err:
+        export_mod.export(folder, tmp_path / "one", "onnx", towers=["image"], data=str(shapes / "test.csv"))
+    assert "mean cosine" not in str(err.value).split("1st-percentile")[0]  # the mean alone would have passed
+    parity = json.loads((tmp_path / "one" / "parity.json").read_text())
+    assert parity["image"]["mean_cosine"] > 0.999 and abs(parity["image"]["min_cosine"] - 0.97) < 1e-4
+    assert parity["low_threshold"] == export_mod.GATES["onnx"][1] == 0.995
+
+
+def test_static_int8_calibrates_on_other_images_than_it_verifies(pair, shapes, tmp_path, monkeypatch):
+    from distill import export as export_mod
+
+    _, folder = pair
+    seen = {}
+    real_int8, real_parity = export_mod._to_int8, export_mod.parity
+
+    def int8(src, dst, tower, calibration, static):
+        seen["calibration"] = calibration
+        return real_int8(src, dst, tower, calibration, static)
+
+    def parity(student, out, images, texts, rows=None):
+        seen["verified"] = images
+        return real_parity(student, out, images, texts, rows)
+
+    monkeypatch.setattr(export_mod, "_to_int8", int8)
+    monkeypatch.setattr(export_mod, "parity", parity)
+    res = export_mod.export(folder, tmp_path / "static", "onnx-int8", towers=["image"], data=str(shapes / "test.csv"),
+                            quantization="static")
+    cal, ver = seen["calibration"], seen["verified"]
+    assert len(cal) == len(ver) == 20  # the 40 test images, split
+    assert not any(np.allclose(c, v) for c in cal for v in ver)
+    assert res.parity["calibration"] == {"images": 20, "parity_images": 20, "disjoint": True}
+    assert "none of them among the 20 verified" in (res.path / "parity.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_runtime_puts_transparent_pixels_on_white_like_pytorch(mode, pair, tmp_path):
+    from PIL import Image
+
+    from distill.export import export
+    from distill.runtime import OnnxStudent
+
+    student, folder = pair
+    rgba = np.zeros((40, 48, 4), np.uint8)  # right half: fully transparent, its colour channels black
+    rgba[:, :24] = (200, 30, 30, 255)
+    rgba[:20, 24:] = (10, 200, 10, 128)  # and a half-transparent green corner
+    img = Image.fromarray(rgba, "RGBA")
+    if mode == "P":  # a palette image whose index 0 (black) is transparent
+        img = Image.fromarray(rgba[..., :3]).quantize(colors=4)
+        pal = img.getpalette()[:12]
+        img.info["transparency"] = [tuple(pal[i:i + 3]) for i in range(0, 12, 3)].index((0, 0, 0))
+    path = tmp_path / f"alpha_{mode}.png"
+    img.save(path)
+    res = export(folder, tmp_path / "rt", "onnx", towers=["image"])
+    got = OnnxStudent(res.path).encode_image([str(path)])
+    with Image.open(path) as f:
+        assert f.mode == mode
+        pixels = student.image_transform(f).unsqueeze(0)
+    with torch.no_grad():
+        want = student.encode_image(pixels).numpy()
+        on_black = Image.fromarray(np.asarray(Image.open(path).convert("RGB")))  # plain convert, info dropped
+        black = student.encode_image(student.image_transform(on_black).unsqueeze(0)).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(black - want).max() > 1e-3  # compositing on black would give another embedding

@@ -138,13 +138,28 @@ def test_lora_tuning_changes_the_model_through_adapters_only(shapes, tmp_path):
     from distill import load_teacher
 
     model = two_tower()
-    emb_before = snapshot(model.text)["encoder.embeddings.word_embeddings.weight"]
-    result = tune(model, shapes, tmp_path, lock="lora", lora_rank=4, lora_towers="image")
-    assert result.history["loss"][-1] == result.history["loss"][-1]
+    text_before, image_before = snapshot(model.text), snapshot(model.image.trunk)
+    pix = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        emb_before = model.eval().encode_image(pix)
+    result = tune(model, shapes, tmp_path, lock="lora", lora_rank=4, lora_towers="image", max_steps=6)
     # the text tower got no adapters: its trunk is byte-identical, only its head trained
-    assert torch.equal(snapshot(model.text)["encoder.embeddings.word_embeddings.weight"], emb_before)
+    after = snapshot(model.text)
+    assert all(torch.equal(after[k], v) for k, v in text_before.items() if not k.startswith("proj."))
+    assert not torch.equal(after["proj.weight"], text_before["proj.weight"])
+    # the image tower changed, and only through the adapters: merged weights differ from the base ones by
+    # exactly the low-rank update of the Linear layers that got adapters; nothing else moved
+    merged = snapshot(model.image.trunk)
+    changed = [k for k in image_before if not torch.equal(merged[k], image_before[k])]
+    assert changed and all(k.endswith(".weight") and merged[k].ndim == 2 for k in changed)
+    for k in changed:
+        assert torch.linalg.matrix_rank(merged[k] - image_before[k]).item() <= 4  # rank-4 adapters
+    with torch.no_grad():
+        emb_after = model.eval().encode_image(pix)
+    assert float(torch.nn.functional.cosine_similarity(emb_before, emb_after).mean()) < 0.9999
     teacher = load_teacher(str(result.model_dir))
     assert torch.allclose(teacher.encode_text(["a red circle"]), model.eval().encode_text(["a red circle"]), atol=1e-5)
+    assert torch.allclose(teacher.encode_image(pix), emb_after, atol=1e-5)
 
 
 def test_clip_loss_shares_targets_among_equal_captions():

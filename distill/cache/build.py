@@ -174,12 +174,20 @@ class TeacherService:
         if device is not None and self.device.type == "cuda":
             self.device = device
         rows = as_rows(data, **row_kwargs)
+        from .. import dist
+
+        failure = None
         if rank == 0:  # before the other processes write anything
-            self._check_writable()
-            for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
-                tmp.unlink(missing_ok=True)
-            manifest = self._start_manifest(views, seed, scale, ratio, flip)
-        barrier()
+            try:
+                self._check_writable()
+                for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
+                    tmp.unlink(missing_ok=True)
+                manifest = self._start_manifest(views, seed, scale, ratio, flip)
+            except CacheError as e:
+                failure = e
+        failure = dist.broadcast_object(failure)  # every process stops with the main one's message
+        if failure is not None:
+            raise failure
         if rank != 0:
             manifest = self._start_manifest(views, seed, scale, ratio, flip)  # checks and reads it
         summary = BuildSummary()
@@ -437,11 +445,11 @@ def _check_policy(views: int, scale: Sequence[float], ratio: Sequence[float]) ->
 
 def _process():
     """(rank, world, barrier, device): from accelerate when launched distributed, else one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    from .. import dist
 
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone, state.device
+    state = dist.state()
+    if state is not None:
+        return state.process_index, state.num_processes, dist.barrier, state.device
     return 0, 1, lambda: None, None
 
 

@@ -14,7 +14,7 @@ from ..registry import Registry
 STUDENTS = Registry("student")
 register_student = STUDENTS.register
 
-from .base import ImageTower, Student, TextTower, load_student  # noqa: E402
+from .base import ImageTower, OpenClipTextTower, Student, TextTower, load_student  # noqa: E402
 from . import image as _image, text as _text  # noqa: E402,F401  (registers the built-ins)
 
 
@@ -73,5 +73,5 @@ def create_student(
 
 __all__ = [
     "STUDENTS", "register_student", "create_student", "create_tower", "list_students",
-    "load_student", "Student", "ImageTower", "TextTower",
+    "load_student", "Student", "ImageTower", "TextTower", "OpenClipTextTower",
 ]

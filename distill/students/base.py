@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import load_tensors, read_format_json, save_tensors, write_json
+from ..io import load_tensors, read_format_json, read_json, save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
 
@@ -28,7 +28,8 @@ def keep_space(proj: nn.Linear) -> None:
     if proj.in_features == proj.out_features:
         with torch.no_grad():
             proj.weight.copy_(torch.eye(proj.in_features))
-            proj.bias.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
 
 
 class ImageTower(nn.Module):
@@ -68,14 +69,19 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class TextTower(nn.Module):
-    """transformers encoder -> mean/cls/max pooling -> linear projection to ``embed_dim``."""
+    """transformers encoder -> mean/cls/max pooling -> linear projection to ``embed_dim``.
+
+    New towers have a bias-free head (``spec["proj_bias"] = False``), as CLIP's text projection:
+    open_clip and sentence-transformers then hold it exactly. Folders saved before that have no
+    ``proj_bias`` key and keep their bias."""
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
-        self.proj = nn.Linear(encoder.config.hidden_size, embed_dim)
-        self.spec = spec  # {"arch", "pooling", "context_length"}
+        self.embed_dim = embed_dim
+        self.proj = nn.Linear(encoder.config.hidden_size, embed_dim, bias=bool(spec.get("proj_bias", True)))
+        self.spec = spec  # {"arch", "pooling", "context_length", "proj_bias"}
         self.pooling = spec.get("pooling", "mean")
         if self.pooling not in POOLING:
             raise ValueError(f"pooling {self.pooling!r}: use one of {POOLING}")
@@ -99,11 +105,51 @@ class TextTower(nn.Module):
             return True
         return False
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The encoder's HF config and the tokenizer (the weights live in the student's safetensors)."""
+        self.encoder.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(str(folder))
+
+
+class OpenClipTextTower(nn.Module):
+    """An open_clip text tower kept whole (its tokenizer, pooling and projection): what an image
+    student paired with an open_clip teacher uses, so paired text embeddings are the teacher's."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
+        super().__init__()
+        self.encoder = encoder  # open_clip TextTransformer: ids [B, T] -> pooled, projected [B, embed_dim]
+        self.tokenizer = tokenizer  # open_clip tokenizer: list[str] -> ids [B, context_length]
+        self.embed_dim = embed_dim
+        self.spec = spec  # {"arch", "openclip", "model_cfg": {embed_dim, quick_gelu, text_cfg}}
+        text_cfg = spec["model_cfg"]["text_cfg"]
+        self.pooling = getattr(encoder, "pool_type", "argmax")
+        self.context_length = int(text_cfg.get("context_length", 77))
+        self.pad_id = int(text_cfg.get("pad_id", 0))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = self.tokenizer(list(texts), context_length=self.context_length)
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(input_ids)  # causal attention + EOT pooling: padding needs no mask
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.encoder.set_grad_checkpointing(enable)
+        return True
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """``open_clip_config.json`` (+ an HF tokenizer's files): ``open_clip.get_tokenizer("local-dir:...")`` reads it."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_json(Path(folder) / "open_clip_config.json", {"model_cfg": self.spec["model_cfg"]})
+        if hasattr(self.tokenizer, "save_pretrained"):  # HFTokenizer; the CLIP BPE ships with open_clip
+            self.tokenizer.save_pretrained(str(folder))
+
 
 class Student(nn.Module):
     """An image tower, a text tower, or both, projecting into one ``embed_dim`` space."""
 
-    def __init__(self, image: ImageTower | None = None, text: TextTower | None = None, embed_dim: int = 512):
+    def __init__(self, image: ImageTower | None = None, text: TextTower | OpenClipTextTower | None = None,
+                 embed_dim: int = 512):
         super().__init__()
         if image is None and text is None:
             raise ValueError("a student needs an image tower, a text tower, or both")
@@ -201,19 +247,31 @@ class Student(nn.Module):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if self.text is not None:
-            self.text.encoder.config.save_pretrained(path / "text")
-            self.text.tokenizer.save_pretrained(str(path / "text"))
+            self.text.save_pretrained(path / "text")
         save_tensors(path / "model.safetensors", state, metadata={"format": FORMAT})
         write_json(path / "config.json", self.config())
         return path
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
-    """Rebuild a saved student from its folder (no trainer, no hub)."""
+    """Rebuild a saved student from its folder (no trainer, no hub). Also reads what
+    ``distill export --format open_clip | sentence-transformers | timm`` wrote."""
     from .image import build_image_tower
     from .text import build_text_tower_from_folder
 
     path = Path(path)
+    if (path / "modules.json").exists():
+        from ..interop.sentence_transformers import load_sentence_transformer
+
+        return load_sentence_transformer(path).to(device).eval()
+    if (path / "open_clip_config.json").exists():
+        from ..interop.open_clip import load_open_clip_folder
+
+        return load_open_clip_folder(path).to(device).eval()
+    if (path / "config.json").exists() and "architecture" in read_json(path / "config.json"):
+        from ..interop.timm import load_timm_folder
+
+        return load_timm_folder(path).to(device).eval()
     cfg = read_format_json(path / "config.json", FORMAT, "is this a saved student folder?")
     embed_dim = int(cfg["embed_dim"])
     image = text = None
@@ -222,7 +280,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         pre = PreprocessCfg.from_dict(spec.pop("preprocess"))
         image = build_image_tower(spec, embed_dim, pre, pretrained=False)
     if "text" in cfg:
-        text = build_text_tower_from_folder(path / "text", embed_dim, cfg["text"])
+        text = build_text_tower_from_folder(path / "text", embed_dim, cfg["text"])  # HF or open_clip
     student = Student(image, text, embed_dim)
     state = load_tensors(path / "model.safetensors")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -8,7 +8,7 @@ from typing import Any
 
 from .._imports import require
 from . import STUDENTS
-from .base import TextTower, keep_space
+from .base import OpenClipTextTower, TextTower, keep_space
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BERT_TOKENIZER = _ASSETS / "bert-uncased"  # bert-base-uncased WordPiece vocab (Apache-2.0)
@@ -102,8 +102,10 @@ def hf_text_tower(
     context_length: int = 77,
     num_layers: int | None = None,
     arch: str | None = None,
+    proj_bias: bool = False,
 ) -> TextTower:
-    """Any transformers text encoder by hub id or local folder (``create_student("hf:<id>")``)."""
+    """Any transformers text encoder by hub id or local folder (``create_student("hf:<id>")``);
+    ``proj_bias``: give the projection head a bias (open_clip exports then need it folded away)."""
     transformers = require("transformers", "text students")
     model_id = resolve_pretrained(model_id)
     if pretrained:
@@ -112,7 +114,8 @@ def hf_text_tower(
         encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
     _truncate_layers(encoder, num_layers)
-    spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length}
+    spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length,
+            "proj_bias": proj_bias}
     tower = TextTower(encoder, tokenizer, embed_dim, spec)
     if pretrained:
         keep_space(tower.proj)
@@ -128,13 +131,14 @@ def bert_small(
     context_length: int = 77,
     pooling: str = "mean",
     pretrained: str | bool | None = None,
+    proj_bias: bool = False,
 ) -> TextTower:
     """Small BERT (4 layers x 256, WordPiece uncased vocab). ``pretrained="minilm"`` (or a folder)
     starts from that encoder instead (its hidden size), keeping its first ``num_layers`` layers
     (all when None): the DistilBERT way to initialise a shallower student from its teacher."""
     if pretrained:
         src = resolve_pretrained(str(pretrained))
-        return hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, arch="bert_small")
+        return hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, "bert_small", proj_bias)
     num_layers = 4 if num_layers is None else num_layers
     transformers = require("transformers", "text students")
     config = transformers.BertConfig(
@@ -146,14 +150,39 @@ def bert_small(
         max_position_embeddings=max(512, context_length),
     )
     encoder = transformers.BertModel(config, add_pooling_layer=False)
-    spec = {"arch": "bert_small", "pooling": pooling, "context_length": context_length}
+    spec = {"arch": "bert_small", "pooling": pooling, "context_length": context_length, "proj_bias": proj_bias}
     return TextTower(encoder, bert_tokenizer(), embed_dim, spec)
 
 
-def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int, spec: dict[str, Any]) -> TextTower:
-    """Rebuild a saved text tower (HF config + tokenizer in ``folder``), weights loaded by the caller."""
+def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int,
+                                 spec: dict[str, Any]) -> TextTower | OpenClipTextTower:
+    """Rebuild a saved text tower (HF config + tokenizer, or an open_clip config, in ``folder``);
+    the weights are loaded by the caller."""
+    if "openclip" in spec:
+        return openclip_text_tower(spec, open_clip_tokenizer(folder))
     transformers = require("transformers", "text students")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     encoder = _auto_model(transformers.AutoModel.from_config, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     return TextTower(encoder, tokenizer, embed_dim, dict(spec))
+
+
+def openclip_text_tower(spec: dict[str, Any], tokenizer: Any) -> OpenClipTextTower:
+    """An open_clip text tower (random weights) from ``spec["model_cfg"]`` = {embed_dim, quick_gelu, text_cfg}."""
+    require("open_clip", "open_clip text towers")
+    from open_clip.model import _build_text_tower  # open_clip's own builder: its CLIP and CustomTextCLIP call it
+
+    cfg = spec["model_cfg"]
+    if cfg["text_cfg"].get("hf_model_name"):
+        from ..errors import ExportError
+
+        raise ExportError(f"{spec['arch']}: open_clip text towers built on a Hugging Face encoder "
+                          f"({cfg['text_cfg']['hf_model_name']}) are not supported; pair a native open_clip text tower")
+    encoder = _build_text_tower(int(cfg["embed_dim"]), dict(cfg["text_cfg"]), bool(cfg.get("quick_gelu", False)))
+    return OpenClipTextTower(encoder, tokenizer, int(cfg["embed_dim"]), dict(spec))
+
+
+def open_clip_tokenizer(folder: str | os.PathLike):
+    """The tokenizer an ``open_clip_config.json`` in ``folder`` names (CLIP BPE, or HF files beside it)."""
+    open_clip = require("open_clip", "open_clip text towers")
+    return open_clip.get_tokenizer(f"local-dir:{Path(folder)}")

@@ -118,8 +118,10 @@ def expected_identity(name: str, pretrained: str | None = None, **kwargs: Any) -
             out["weights"] = file_hash(weights[0])
         return out
     if os.path.isdir(name):
-        weights = os.path.join(name, "model.safetensors")
-        return {"backend": "folder", **({"weights": file_hash(weights)} if os.path.isfile(weights) else {})}
+        from .folder import weights_file
+
+        weights = weights_file(name)
+        return {"backend": "folder", **({"weights": file_hash(weights)} if weights is not None else {})}
     TEACHERS.get(name)  # raises UnknownNameError with close matches
     raise AssertionError("unreachable")
 

@@ -54,7 +54,9 @@ class Teacher(nn.Module):
     def image_transform(self):
         """PIL image -> tensor with the teacher's own eval preprocessing."""
         if self.preprocess is None:
-            raise ValueError(f"teacher {self.name} has no image tower")
+            from ..errors import ModelError
+
+            raise ModelError(f"teacher {self.name} has no image tower")
         return eval_transform(self.preprocess)
 
     @property

@@ -34,8 +34,17 @@ class FolderTeacher(Teacher):
         return self.model.text_features(tokens)
 
 
+WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")  # a student folder, or an open_clip export
+
+
+def weights_file(path: str | Path) -> Path | None:
+    """The weights file of a saved model folder (None when it has none of ``WEIGHT_FILES``)."""
+    return next((Path(path) / f for f in WEIGHT_FILES if (Path(path) / f).is_file()), None)
+
+
 def load_folder(path: str | Path) -> FolderTeacher:
     path = Path(path)
     teacher = FolderTeacher(load_student(path), str(path.resolve()))
-    teacher.weights_id = file_hash(path / "model.safetensors")
+    weights = weights_file(path)
+    teacher.weights_id = file_hash(weights) if weights is not None else "unknown"
     return teacher

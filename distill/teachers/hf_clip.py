@@ -99,13 +99,17 @@ def load_hf_clip(model_id: str, **kwargs: Any) -> HFClipTeacher:
     transformers = require("transformers", "Hugging Face teachers")
     model = transformers.AutoModel.from_pretrained(model_id, **kwargs)
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
-        raise ValueError(f"{model_id}: {type(model).__name__} is not a CLIP/SigLIP model")
+        from ..errors import ModelError
+
+        raise ModelError(f"{model_id}: {type(model).__name__} is not a CLIP/SigLIP model")
     local = Path(model_id) if os.path.isdir(model_id) else None
     siglip = "siglip" in model.config.model_type
     ctx = int(model.config.text_config.max_position_embeddings)
     if local is not None and not any((local / f).exists() for f in _TOKENIZER_FILES):
         if siglip:
-            raise FileNotFoundError(f"{model_id}: no tokenizer files, and SigLIP has no bundled fallback")
+            from ..errors import MissingFileError
+
+            raise MissingFileError(f"{model_id}: no tokenizer files, and SigLIP has no bundled fallback")
         tokenizer = ClipBpeTokenizer(ctx)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)

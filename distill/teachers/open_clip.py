@@ -14,12 +14,14 @@ from .base import Teacher, file_hash, state_hash
 class OpenClipTeacher(Teacher):
     backend = "openclip"
 
-    def __init__(self, model, tokenizer, name: str, preprocess: PreprocessCfg, context_length: int):
+    def __init__(self, model, tokenizer, name: str, preprocess: PreprocessCfg, context_length: int,
+                 model_cfg: dict[str, Any] | None = None):
         embed_dim = model.text_projection.shape[-1] if hasattr(model, "text_projection") and model.text_projection is not None \
             else model.visual.output_dim
         super().__init__(name, embed_dim, preprocess, context_length)
         self.model = model
         self._tokenizer = tokenizer
+        self.model_cfg = model_cfg  # open_clip's architecture config: rebuilds the towers offline (pairing, export)
         self.freeze()
 
     @property
@@ -69,7 +71,7 @@ def load_open_clip(
     model, pre = create_open_clip_model(arch, pretrained, model_cfg, **kwargs)
     tokenizer = open_clip.get_tokenizer(arch)
     ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
-    teacher = OpenClipTeacher(model, tokenizer, arch, pre, int(ctx))
+    teacher = OpenClipTeacher(model, tokenizer, arch, pre, int(ctx), open_clip.get_model_config(arch))
     if pretrained and os.path.isfile(pretrained):
         teacher.weights_id = file_hash(pretrained)
     elif pretrained:
