@@ -388,7 +388,9 @@ def _write_onnx(student: Any, out: Path, format: str, towers: Sequence[str], cal
 def _export_interop(format: str, student: Any, out: Path, images: np.ndarray | None, texts: Sequence[str] | None,
                     rows: Any) -> dict[str, Any]:
     """Write ``format``'s own layout, load it back with that library alone and compare it with the student."""
-    from .interop import open_clip as oc, sentence_transformers as st, timm as tm
+    from .interop import open_clip as oc
+    from .interop import sentence_transformers as st
+    from .interop import timm as tm
 
     result: dict[str, Any] = {}
     if format == "sentence-transformers":

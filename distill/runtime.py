@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import ModelError
 from .io import read_format_json
 from .transforms import PreprocessCfg, eval_array, to_rgb
 
@@ -85,7 +86,7 @@ class OnnxStudent:
     def encode_image(self, images: Sequence[Any] | np.ndarray, batch_size: int = 32) -> np.ndarray:
         """L2-normalised embeddings of image paths, PIL images or preprocessed [N, 3, S, S] pixels."""
         if self._image is None:
-            raise ValueError(f"{self.path}: this export has no image tower")
+            raise ModelError(f"{self.path}: this export has no image tower")
         out = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
@@ -95,7 +96,7 @@ class OnnxStudent:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if self._tokenizer is None:
-            raise ValueError(f"{self.path}: this export has no text tower")
+            raise ModelError(f"{self.path}: this export has no text tower")
         enc = self._tokenizer.encode_batch(list(texts))
         return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
@@ -103,6 +104,6 @@ class OnnxStudent:
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised embeddings of a list of strings."""
         if self._text is None:
-            raise ValueError(f"{self.path}: this export has no text tower")
+            raise ModelError(f"{self.path}: this export has no text tower")
         out = [self._text.run(None, self.tokenize(texts[i:i + batch_size]))[0] for i in range(0, len(texts), batch_size)]
         return _normalize(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)

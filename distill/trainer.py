@@ -18,9 +18,9 @@ from . import dist
 from .config import DEFAULT_TEACHER, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
 from .errors import CacheError, CacheMismatchError, DataError, RecipeError, UnknownNameError
-from .losses import DistillLoss, Embeddings
 from .loop import (FitResult, NonFiniteLossError, TrainLoop, data_fingerprint, image_reader,  # noqa: F401
                    lr_at, make_loader_factory, make_optimizer, run_identity, seed_everything)
+from .losses import DistillLoss, Embeddings
 from .transforms import normalize
 
 log = logging.getLogger(__name__)

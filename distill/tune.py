@@ -28,9 +28,9 @@ from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
 from .data import PairDataset, SkipLog, as_rows, make_collate, split_usable
 from .dist import gather_rows
 from .errors import DataError, RecipeError
-from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
 from .loop import (FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity,
                    seed_everything)
+from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
 from .transforms import normalize
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +195,6 @@ def test_teacher_runs_on_the_gpu_when_there_is_one(teacher, tmp_path, monkeypatc
 
 
 def test_cache_cli_build_info_verify(shapes, tmp_path, capsys):
-    import yaml
 
     from distill.cli import main
 

@@ -23,10 +23,9 @@ import torch
 
 from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_problem
 from ..errors import CacheError, CacheMismatchError
-from ..io import atomic_write_bytes, write_json
+from ..io import atomic_write_bytes, read_json, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
 from .keys import image_keys, text_key
-from ..io import read_json
 from .store import DTYPES, FORMAT, KINDS, build_key, compare, read_meta
 
 log = logging.getLogger(__name__)

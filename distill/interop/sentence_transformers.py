@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._imports import require
-from ..errors import ExportError
+from ..errors import ExportError, MissingFileError
 from ..io import load_tensors, read_json, save_tensors, write_json
 
 IDENTITY = "torch.nn.modules.linear.Identity"
@@ -67,7 +67,7 @@ def _dense(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], bool]:
         raise ExportError(f"{folder / 'config.json'}: only a linear Dense (activation {IDENTITY}) on the pooled "
                           f"{hidden}-d output can be a projection head")
     if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder}: no model.safetensors (pickled pytorch_model.bin weights are not read)")
+        raise MissingFileError(f"{folder}: no model.safetensors (pickled pytorch_model.bin weights are not read)")
     state = load_tensors(folder / "model.safetensors")
     return {k.split(".", 1)[1]: v for k, v in state.items()}, bool(cfg.get("bias", True))
 

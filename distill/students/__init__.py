@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..errors import RecipeError
 from ..registry import Registry
 
 STUDENTS = Registry("student")
 register_student = STUDENTS.register
 
+from . import image as _image  # noqa: E402,F401  (registers the built-ins)
+from . import text as _text
 from .base import ImageTower, OpenClipTextTower, Student, TextTower, load_student  # noqa: E402
-from . import image as _image, text as _text  # noqa: E402,F401  (registers the built-ins)
 
 
 def list_students(pattern: str = "*") -> list[str]:
@@ -56,7 +58,7 @@ def create_student(
         return load_student(name)
     parts = name.split("+")
     if len(parts) > 2:
-        raise ValueError(f"{name!r}: at most one image and one text tower")
+        raise RecipeError(f"student.name: {name!r}: at most one image and one text tower")
     towers = []
     for part in parts:
         opts = dict(kwargs) if len(parts) == 1 else {}
@@ -67,7 +69,7 @@ def create_student(
     image = next((t for t in towers if isinstance(t, ImageTower)), None)
     text = next((t for t in towers if isinstance(t, TextTower)), None)
     if len(parts) == 2 and (image is None or text is None):
-        raise ValueError(f"{name!r}: a two-tower student needs one image and one text tower")
+        raise RecipeError(f"student.name: {name!r}: a two-tower student needs one image and one text tower")
     return Student(image, text, embed_dim)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelError, RecipeError
 from ..io import load_tensors, read_format_json, read_json, save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
@@ -64,7 +65,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "max":
         return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
     if mode != "mean":
-        raise ValueError(f"pooling {mode!r}: use one of {POOLING}")
+        raise RecipeError(f"pooling {mode!r}: use one of {POOLING}")
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
@@ -84,7 +85,7 @@ class TextTower(nn.Module):
         self.spec = spec  # {"arch", "pooling", "context_length", "proj_bias"}
         self.pooling = spec.get("pooling", "mean")
         if self.pooling not in POOLING:
-            raise ValueError(f"pooling {self.pooling!r}: use one of {POOLING}")
+            raise RecipeError(f"student.kwargs.pooling: {self.pooling!r} is not one of {POOLING}")
         self.context_length = int(spec.get("context_length", 77))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -171,7 +172,7 @@ class Student(nn.Module):
     def image_transform(self):
         """PIL image -> normalised tensor with the student's eval preprocessing."""
         if self.image is None:
-            raise ValueError("this student has no image tower")
+            raise ModelError("this student has no image tower")
         return eval_transform(self.image.preprocess)
 
     @property
@@ -185,19 +186,19 @@ class Student(nn.Module):
     # -- encoding -----------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.text is None:
-            raise ValueError("this student has no text tower")
+            raise ModelError("this student has no text tower")
         return self.text.tokenize(texts)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised projected image embeddings (used in training)."""
         if self.image is None:
-            raise ValueError("this student has no image tower")
+            raise ModelError("this student has no image tower")
         return self.image(pixels)
 
     def text_features(self, tokens: Any) -> torch.Tensor:
         """Unnormalised projected text embeddings; ``tokens``: list[str], id tensor or tokenizer dict."""
         if self.text is None:
-            raise ValueError("this student has no text tower")
+            raise ModelError("this student has no text tower")
         if isinstance(tokens, (list, tuple)) and (not tokens or isinstance(tokens[0], str)):
             tokens = self.tokenize(tokens)
         device = next(self.text.parameters()).device

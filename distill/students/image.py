@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._imports import require
+from ..errors import RecipeError
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from . import STUDENTS
 from .base import ImageTower, keep_space
@@ -98,6 +99,6 @@ def openclip_tower(arch: str, embed_dim: int = 512, pretrained: str | None = Non
     """The image tower of an open_clip model (``create_student("openclip:ViT-B-32", pretrained=tag)``),
     for composite models and teacher tuning; ``pretrained``: a tag or a local weights file."""
     if image_size is not None:
-        raise ValueError("openclip towers keep their architecture's image size; drop image_size")
+        raise RecipeError("student.kwargs.image_size: openclip towers keep their architecture's image size; drop it")
     spec = {"arch": f"openclip:{arch}", "openclip": arch, "model_cfg": model_cfg}
     return build_image_tower(spec, embed_dim, None, pretrained or False)

