@@ -48,11 +48,12 @@ def inspect_image(path: str) -> ImageInfo:
     from .data import _image_bytes, read_problem
     from .transforms import to_rgb
 
+    from .data import _stat_problem
+
     plain = "::" not in path and not path.startswith("hf://")
-    if plain and not os.path.exists(path):
-        return ImageInfo(path, "missing file")
-    if plain and os.path.getsize(path) == 0:
-        return ImageInfo(path, "empty file (0 bytes)")
+    problem = _stat_problem(path) if plain else None
+    if problem:
+        return ImageInfo(path, problem)
     try:
         src = _image_bytes(path) if not plain else open(path, "rb")
         if hasattr(src, "convert"):  # a decoded dataset image
@@ -161,6 +162,8 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
             reason = "empty caption"
         if reason is None and not p and not (c or "").strip():
             reason = "neither image nor caption"
+        if reason is None and not p and rows.has_images:  # training skips it too: its image side is missing
+            reason = "no image"
         record = {"image": _relative(p, Path(out)) if out is not None else p, "caption": c}
         if rows.labels is not None:
             record["label"] = rows.classes[rows.labels[k]] if rows.classes else rows.labels[k]

@@ -217,7 +217,7 @@ def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
         raise RecipeError("--teacher: the student records no teacher: pass --teacher")
     backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
     if backend == "folder":
-        return name, None
+        return identity.get("path") or name, None
     if backend == "openclip":
         return f"openclip:{name}", weights[4:] if weights.startswith("tag:") else None
     return f"{backend}:{name}", None
@@ -310,6 +310,10 @@ def cmd_cache(args) -> int:
             from .pack import PackedImages
 
             reader = PackedImages(args.packed)
+        if args.crop_scale[0] > args.crop_scale[1]:
+            from .errors import RecipeError
+
+            raise RecipeError(f"--crop-scale: {args.crop_scale[0]} {args.crop_scale[1]}: LOW must not be above HIGH")
         service = TeacherService(teacher, args.out, dtype=args.dtype, shard_size=args.shard_size,
                                  batch_size=args.batch_size, num_workers=args.workers, reader=reader)
         print(service.build(args.data, views=args.views, seed=args.seed, scale=tuple(args.crop_scale),

@@ -6,6 +6,7 @@ and wrong types fail before any model is built, naming the key's dotted path.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -162,34 +163,52 @@ def apply_options(recipe: Recipe, options: dict[str, Any]) -> Recipe:
             close = difflib.get_close_matches(key, list(table), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise RecipeError(f"{key}: unknown option{hint}")
-    return validate(merge(recipe, _nest(dotted)))
-
-
-def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
     for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        recipe = set_dotted(recipe, key, value)
+    return validate(recipe)
+
+
+def set_dotted(recipe: Recipe, key: str, value: Any) -> Recipe:
+    """``recipe`` with one dotted key set. A key that names a field replaces it; a key that goes into a
+    mapping field (``loss.weights.mse``, ``student.kwargs.image_size``, ``loss.kwargs.contrastive.queue``)
+    sets that entry and keeps the mapping's others."""
+    parts = key.split(".")
+    obj, depth = recipe, 0
+    while depth < len(parts) and dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if parts[depth] not in names:
+            break  # merge() names the unknown key with a suggestion
+        obj = getattr(obj, parts[depth])
+        depth += 1
+    if depth < len(parts) and isinstance(obj, dict) and depth > 0:
+        entry = copy.deepcopy(obj)
+        node = entry
+        for p in parts[depth:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise RecipeError(f"{key}: {'.'.join(parts[:parts.index(p) + 1])} is not a mapping")
             node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"{key}: {p} is not a section")
         node[parts[-1]] = value
-    return out
+        parts, value = parts[:depth], entry
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    return merge(recipe, nested)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "loss.weights.mse=0.5"]`` -> nested dict (values parsed as YAML)."""
+    """``["train.lr=1e-4", "loss.weights.mse=0.5"]`` -> ``{dotted key: value}`` (values parsed as YAML)."""
     dotted = {}
     for item in items:
         if "=" not in item:
             raise RecipeError(f"{item}: override must look like section.key=value")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise RecipeError(f"{item}: override must look like section.key=value")
         try:
             dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise RecipeError(f"{key.strip()}: {raw!r} is not a valid value (YAML)") from None
-    return _nest(dotted)
+    return dotted
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -223,7 +242,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         except RecipeError as e:
             raise RecipeError(f"{e} (in {path})") from None
     if overrides:
-        recipe = validate(merge(recipe, parse_overrides(overrides)))
+        for key, value in parse_overrides(overrides).items():
+            recipe = set_dotted(recipe, key, value)
+        recipe = validate(recipe)
     return recipe
 
 
@@ -245,8 +266,13 @@ def merge(obj: Any, delta: dict[str, Any], path: str = "") -> Any:
         if dataclasses.is_dataclass(current):
             changes[key] = merge(current, value, where)
         else:
+            if where in _BOOL_WORDS and isinstance(value, bool):  # YAML 1.1 reads `no` / `off` as false
+                value = _BOOL_WORDS[where][value]
             changes[key] = _coerce(value, hints[key], where)
     return dataclasses.replace(obj, **changes)
+
+
+_BOOL_WORDS = {"train.precision": {False: "no", True: "yes"}}  # `precision: no` means "no autocast"
 
 
 def _type_name(tp: Any) -> str:
@@ -308,7 +334,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise RecipeError(f"{path}: expected a string, got {value!r}")
+        hint = " (YAML reads no/off/yes/on as true/false: quote the word)" if isinstance(value, bool) else ""
+        raise RecipeError(f"{path}: expected a string, got {value!r}{hint}")
     return value
 
 
@@ -321,7 +348,8 @@ LORA_TOWERS = ("image", "text", "both")
 
 
 def _at_least(low: float) -> Any:
-    return lambda v: (v >= low, f"must be >= {low}")
+    return lambda v: (math.isfinite(v) and v >= low, f"must be a finite number >= {low}" if isinstance(low, float)
+                      else f"must be >= {low}")
 
 
 def _above(low: float) -> Any:
@@ -370,11 +398,12 @@ RULES: dict[str, Any] = {
     "loss.weights": _loss_weights,
     "optim.optimizer": _one_of(*OPTIMIZERS),
     "optim.lr": _above(0),
-    "optim.weight_decay": _at_least(0),
+    "optim.weight_decay": _at_least(0.0),
     "optim.betas": _betas,
     "optim.warmup_steps": _at_least(0),
     "optim.min_lr_ratio": _fraction,
-    "optim.grad_clip": _at_least(0),
+    "optim.grad_clip": _at_least(0.0),
+    "train.seed": _at_least(0),
     "train.batch_size": _at_least(1),
     "train.max_steps": _at_least(1),
     "train.grad_accum": _at_least(1),

@@ -61,6 +61,7 @@ class Rows:
     extra: dict[str, Any] = field(default_factory=dict)
     lines: list[int] | None = None
     layout: str = ""
+    unit: str = "line"  # what ``lines`` count: "line" of a text file, or "item" of a JSON list
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -76,7 +77,7 @@ class Rows:
     def where(self, i: int) -> str:
         """``pairs.csv:58`` (or ``pairs.csv row 57``) for messages about row ``i``."""
         if self.lines is not None and self.lines[i]:
-            return f"{self.source}:{self.lines[i]}"
+            return f"{self.source}:{self.lines[i]}" if self.unit == "line" else f"{self.source} item {self.lines[i]}"
         return f"{self.source or '<rows>'} row {i}"
 
     def subset(self, idx: Sequence[int]) -> "Rows":
@@ -84,6 +85,7 @@ class Rows:
             [self.images[i] for i in idx], [self.captions[i] for i in idx],
             [self.labels[i] for i in idx] if self.labels is not None else None, self.classes, self.source,
             dict(self.extra), [self.lines[i] for i in idx] if self.lines is not None else None, self.layout,
+            self.unit,
         )
 
 
@@ -200,7 +202,8 @@ def _read_lines_file(path: Path, text: str, suffix: str, image_column: str | Non
 
 def _read_table(path: Path, text: str, delimiter: str) -> tuple[list[dict], list[int], str]:
     """Rows of a delimited file with a header. A row with more fields than the header keeps the extra
-    ones in its last column when that is the caption (unquoted commas in a caption), else fails."""
+    ones in its last column when that is the caption (unquoted commas in a caption), else fails. A quote
+    that is never closed (it would swallow the lines after it into one caption) fails naming its line."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
@@ -209,11 +212,21 @@ def _read_table(path: Path, text: str, delimiter: str) -> tuple[list[dict], list
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
     header = [f.strip() for f in header]
+    seen = {}
+    for j, name in enumerate(header):
+        if name and name.lower() in seen:
+            raise DataError(f"{path}:{reader.line_num}: the column {name!r} appears twice in the header "
+                            f"(columns {seen[name.lower()] + 1} and {j + 1}); rename one")
+        seen[name.lower()] = j
     last_is_caption = header[-1].lower() in CAPTION_KEYS
     records, lines = [], []
+    start = reader.line_num + 1
     try:
         for row in reader:
+            if any("\n" in f for f in row):
+                _check_quotes(path, row, start, len(header), delimiter)
             if not any(f.strip() for f in row):
+                start = reader.line_num + 1
                 continue
             if len(row) > len(header):
                 if not last_is_caption:
@@ -221,11 +234,24 @@ def _read_table(path: Path, text: str, delimiter: str) -> tuple[list[dict], list
                                     f"quote fields that contain {delimiter!r}")
                 row = row[:len(header) - 1] + [delimiter.join(row[len(header) - 1:])]
             records.append({k: (row[j] if j < len(row) else None) for j, k in enumerate(header)})
-            lines.append(reader.line_num)
+            lines.append(start)
+            start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: {e}") from None
+    if not records:
+        raise DataError(f"{path}: no rows, only a header ({', '.join(header)})")
     name = {",": "comma", "\t": "tab", ";": "semicolon", "|": "|"}[delimiter]
     return records, lines, f"{name}-separated with a header ({', '.join(header)})"
+
+
+def _check_quotes(path: Path, row: list[str], start: int, width: int, delimiter: str) -> None:
+    """A field that runs over lines which are whole rows themselves is an unclosed quote, not a caption."""
+    for value in row:
+        inner = value.split("\n")[1:]
+        whole = [x for x in inner if x.strip() and len(next(csv.reader([x], delimiter=delimiter))) == width]
+        if whole:
+            raise DataError(f"{path}:{start}: a quote opened on this line is not closed, so the {len(inner)} lines "
+                            f"after it were read into one field (e.g. {whole[0][:60]!r}); close or remove the quote")
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
@@ -242,10 +268,14 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
 
 def _from_records(records: list, base: Path, where: str, image_key: str | None, caption_key: str | None,
                   lines: list[int] | None = None, layout: str = "") -> Rows:
+    """Rows of parsed records; ``lines`` locate them in the file (None: items of a JSON list, counted from 1)."""
+    unit = "line" if lines is not None else "item"
+    at = (lambda n: f"{where}:{lines[n]}") if lines is not None else (lambda n: f"{where} item {n + 1}")  # noqa: E731
+    if not records:
+        raise DataError(f"{where}: no rows (an empty list)")
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
-        at = f"{where}:{lines[bad]}" if lines else f"{where} item {bad}"
-        raise DataError(f"{at}: expected an object with image/caption keys, got {type(records[bad]).__name__}")
+        raise DataError(f"{at(bad)}: expected an object with image/caption keys, got {type(records[bad]).__name__}")
     keys = list({k: None for r in records for k in r if k is not None})
     ik = _pick(keys, image_key, IMAGE_KEYS, "image", where)
     ck = _pick(keys, caption_key, CAPTION_KEYS, "caption", where)
@@ -253,24 +283,24 @@ def _from_records(records: list, base: Path, where: str, image_key: str | None, 
         raise DataError(f"{where}: found neither an image column {IMAGE_KEYS} nor a caption column {CAPTION_KEYS}; "
                         f"columns are {keys}; name them with data.image_column / data.caption_column")
     lk = _pick(keys, None, LABEL_KEYS, "label", where)
-    names = [str(r.get(ik)) for r in records if ik and r.get(ik) not in (None, "")]
+    names = [str(r.get(ik)).strip() for r in records if ik and r.get(ik) not in (None, "")]
     base, found = _image_base(names, base)
     images, captions, raw_labels, out_lines = [], [], [], []
     for n, r in enumerate(records):
         img = r.get(ik) if ik else None
         if isinstance(img, (dict, list)):
-            raise DataError(f"{where}:{lines[n] if lines else n}: the image value must be a path, got {img!r}"[:300])
+            raise DataError(f"{at(n)}: the image value must be a path, got {img!r}"[:300])
         img = _resolve(str(img).strip(), base) if img not in (None, "") and str(img).strip() else None
         caps = r.get(ck) if ck else None
         caps = caps if isinstance(caps, list) else [caps]
-        for c in caps:
-            if isinstance(c, dict):
-                raise DataError(f"{where}:{lines[n] if lines else n}: a caption must be text, got {c!r}"[:300])
+        for c in caps or [None]:  # an empty list is a row without a caption: reported, not dropped
+            if isinstance(c, (dict, list)):
+                raise DataError(f"{at(n)}: a caption must be text, got {c!r}"[:300])
             images.append(img)
             captions.append(None if c is None else str(c).strip())
             raw_labels.append(r.get(lk) if lk else None)
-            out_lines.append(lines[n] if lines else n + 1)
-    rows = Rows(images, captions, source=where, lines=out_lines, layout=(layout + found).strip("; "))
+            out_lines.append(lines[n] if lines is not None else n + 1)
+    rows = Rows(images, captions, source=where, lines=out_lines, layout=(layout + found).strip("; "), unit=unit)
     if lk and all(v not in (None, "") for v in raw_labels):
         rows.labels, rows.classes = _labels(raw_labels, base)
     return rows
@@ -404,7 +434,8 @@ def _load_tars(tars: list[str], where: str) -> Rows:
                             samples.setdefault(key, {}).setdefault("captions", [])
                             samples[key]["captions"] += raw if isinstance(raw, list) else [raw]
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"{tar_path}: not a readable tar file ({e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{tar_path}: not a readable tar file ({first})") from None
         for key in sorted(samples):
             s = samples[key]
             for c in s.get("captions") or [None]:
@@ -506,6 +537,8 @@ def open_image(path: str):
     from PIL import Image
 
     src = _image_bytes(path) if ("::" in path or path.startswith("hf://")) else None
+    if src is None and os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file")  # a pipe would block the reader
     if src is not None and hasattr(src, "convert"):
         src.load()
         return to_rgb(src)
@@ -519,6 +552,8 @@ def read_problem(path: str, error: BaseException) -> str:
     plain = "::" not in path and not path.startswith("hf://")
     if plain and not os.path.exists(path):
         return "missing file"
+    if plain and not os.path.isfile(path):
+        return "not a regular file"
     if plain and os.path.isfile(path) and os.path.getsize(path) == 0:
         return "empty file (0 bytes)"
     return f"corrupt or truncated image ({type(error).__name__}: {str(error)[:120]})"
@@ -561,13 +596,17 @@ def split_usable(rows: Rows, need_image: bool, need_caption: bool) -> tuple[list
 
 
 def _stat_problem(path: str) -> str | None:
+    import stat
+
     if "::" in path or path.startswith("hf://"):
         return None
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except OSError:
         return "missing file"
-    return "empty file (0 bytes)" if size == 0 else None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a pipe, a device: reading could block or fail
+        return "not a regular file"
+    return "empty file (0 bytes)" if st.st_size == 0 else None
 
 
 class SkipLog:
@@ -619,7 +658,7 @@ class SkipLog:
         if not self.seen:
             return ""
         parts = ", ".join(f"{n} {why}" for why, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
-        where = f" (listed in {self.path})" if self.path is not None else ""
+        where = f" (listed in {self.path})" if self.path is not None and self.write else ""
         return f"{len(self.seen)} rows skipped: {parts}{where}"
 
 

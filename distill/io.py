@@ -8,12 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it into place."""
+    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it into place. The file
+    gets the permissions ``open()`` would give it (mkstemp's are owner-only: others could not read a
+    shared cache or model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -41,9 +50,10 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_format_json(path: str | Path, expected: str, hint: str) -> Any:
+def read_format_json(path: str | Path, expected: str, hint: str, accept=None) -> Any:
     """Read a JSON file that names its ``format``: fails naming the folder when it is missing
-    (with ``hint`` on what makes one) and naming the file when it holds another format."""
+    (with ``hint`` on what makes one) and naming the file when it holds another format
+    (``accept(data)`` True lets another layout through, for the caller to read)."""
     from .errors import FileFormatError, MissingFileError
 
     path = Path(path)
@@ -54,6 +64,8 @@ def read_format_json(path: str | Path, expected: str, hint: str) -> Any:
         data = read_json(path)
     except (OSError, ValueError) as e:
         raise FileFormatError(f"{path}: cannot be read ({e})") from None
+    if isinstance(data, dict) and accept is not None and accept(data):
+        return data
     if not isinstance(data, dict) or data.get("format") != expected:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise FileFormatError(f"{path}: format {found!r}, expected {expected!r}")
@@ -69,6 +81,15 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """A safetensors file's tensors; a missing or damaged file names itself."""
     from safetensors.torch import load_file
 
-    return load_file(str(path), device=device)
+    from .errors import FileFormatError, MissingFileError
+
+    if not Path(path).is_file():
+        raise MissingFileError(f"{path}: no such file")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # truncated, header damaged, not safetensors
+        raise FileFormatError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {str(e)[:100]}); "
+                              "the file is damaged: save or export it again") from None

@@ -75,20 +75,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_fingerprint(rows: Rows) -> str:
-    """Hash of what a run trains on, row by row: file name and size of each image, and its caption.
-    Independent of where the data folder lives, so a moved folder still resumes."""
-    import os
+def data_fingerprint(rows: Rows, image_keys: list[str | None] | None = None, progress: bool = True) -> str:
+    """Hash of what a run trains on, row by row: each image's content key (``cache.keys``) and its
+    caption. Independent of where the data folder lives (a moved folder still resumes), but not of
+    what the images hold: an edited or swapped image makes it another run. ``image_keys``: the rows'
+    keys when already known (a cached run), else the images are hashed (one pass over the files)."""
+    if image_keys is None:
+        from .cache.keys import image_keys as content_keys
 
+        unique = list(dict.fromkeys(p for p in rows.images if p))
+        keys, _ = content_keys(unique, progress=progress)
+        by_path = dict(zip(unique, keys))
+        image_keys = [by_path[p] if p else None for p in rows.images]
     h = hashlib.sha256()
-    for p, c in zip(rows.images, rows.captions):
-        size = -1
-        if p and "::" not in p and "://" not in p:
-            try:
-                size = os.path.getsize(p)
-            except OSError:
-                pass
-        h.update(f"{os.path.basename(p.split('::')[-1]) if p else ''}\0{size}\0{c or ''}\n".encode("utf-8"))
+    for k, c in zip(image_keys, rows.captions):
+        h.update(f"{k or ''}\0{c or ''}\n".encode("utf-8"))
     return h.hexdigest()[:20]
 
 
@@ -165,6 +166,8 @@ def _check_same_run(output_dir: Path, run: dict[str, Any], rid: str, ckpt_rid: s
         raise RunConflictError(f"{output_dir} holds checkpoints that record no run (an older clip-distill): they "
                                "cannot be matched to this recipe; use train.overwrite=true or another train.output_dir")
     diff = _differences(recorded["run"], run) if recorded and "run" in recorded else []
+    diff = ["data: the rows differ (an image's content, a caption, or which rows there are)" if d.startswith("data:")
+            else d for d in diff]
     detail = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "") if diff else \
         "recipe, data, teacher or student"
     raise RunConflictError(f"{output_dir} holds checkpoints of another run ({detail}); train.resume continues only "
@@ -292,6 +295,9 @@ class TrainLoop:
         log_with = "tensorboard" if _has_tensorboard() else None
         from accelerate.utils import InitProcessGroupKwargs
 
+        if resolve_precision(t.precision, t.cpu) == "fp16" and (t.cpu or not torch.cuda.is_available()):
+            raise RecipeError("train.precision: fp16 needs a CUDA GPU (on a CPU it would silently train in fp32); "
+                              "use bf16 or no here")
         dist.state(cpu=t.cpu, timeout_s=t.dist_timeout)
         return Accelerator(
             mixed_precision=resolve_precision(t.precision, t.cpu), gradient_accumulation_steps=t.grad_accum,

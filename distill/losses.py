@@ -56,6 +56,12 @@ class Embeddings:
         return out
 
 
+def full_precision(x: torch.Tensor):
+    """No autocast inside the losses: under bf16/fp16 a cosine of 1 rounds to 0.996, and matching
+    positives by ``> 1 - 1e-4`` (or small logit gaps) would go wrong. Inputs are cast to float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
     if not terms:
         from .errors import ModelError
@@ -129,13 +135,15 @@ def info_nce(rows: torch.Tensor, cols: torch.Tensor, positive: torch.Tensor, sca
     columns, averaged over rows. With one positive per row it is the usual cross-entropy; a target
     repeated in the batch (a class prompt, a duplicated caption) is a positive, never a negative.
     The one implementation behind distillation's ``contrastive`` loss and tuning's ``clip_loss``."""
-    logits = scale * rows @ cols.t()
-    return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()
+    with full_precision(rows):
+        logits = scale.float() * rows.float() @ cols.float().t()
+        return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()
 
 
 def same_target(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
     """[len(a), len(b)] mask of equal (normalised) embeddings: the same caption or image, repeated."""
-    return (a @ b.t()) > 1 - tol
+    with full_precision(a):
+        return (a.float() @ b.float().t()) > 1 - tol
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None = None,
@@ -147,8 +155,13 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, i
     embeddings, added as extra columns (negatives, or positives where ids match) for the other side's rows.
     ``gather``: under several processes each process's rows are scored against the columns of every
     process (gradients flow back to their owners), so N processes x B equal one process x N*B."""
+    with full_precision(img):
+        return _clip_loss(img, txt, logit_scale, ids, queue, gather)
+
+
+def _clip_loss(img, txt, logit_scale, ids, queue, gather) -> torch.Tensor:
     img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-    scale = logit_scale.exp().clamp(max=100)
+    scale = logit_scale.float().exp().clamp(max=100)
     img_all, offset = gather_rows(img, with_grad=True) if gather else (img, 0)
     txt_all, _ = gather_rows(txt, with_grad=True) if gather else (txt, 0)
     ids = ids.to(img.device) if ids is not None else torch.arange(len(img), device=img.device) + offset
@@ -203,7 +216,11 @@ class ContrastiveLoss(nn.Module):
         self._queues: dict[int, EmbeddingQueue] = {}  # one per (student, reference) pair
 
     def forward(self, e: Embeddings) -> torch.Tensor:
-        scale = self.logit_scale.exp().clamp(max=self.max_scale)
+        with full_precision(self.logit_scale):
+            return self._forward(e)
+
+    def _forward(self, e: Embeddings) -> torch.Tensor:
+        scale = self.logit_scale.float().exp().clamp(max=self.max_scale)
         terms = []
         for k, (s, _, ref) in enumerate(e.cross_pairs()):
             ref_all = gather_rows(ref)[0] if self.gather else ref  # teacher side: no gradient to send
@@ -245,10 +262,14 @@ class AffinityLoss(nn.Module):
         terms = []
         for s, t, ref in e.cross_pairs():
             ref = gather_rows(ref)[0] if self.gather else ref
-            log_p_s = F.log_softmax(s @ ref.t() / self.tau, dim=-1)
-            log_p_t = F.log_softmax(t @ ref.t() / self.tau, dim=-1)
-            terms.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean"))
+            with full_precision(s):
+                terms.append(self._kl(s, t, ref))
         return _mean(terms)
+
+    def _kl(self, s: torch.Tensor, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        log_p_s = F.log_softmax(s @ ref.t() / self.tau, dim=-1)
+        log_p_t = F.log_softmax(t @ ref.t() / self.tau, dim=-1)
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
 LOSSES.register(lambda **kw: CosineLoss(**kw), name="cosine", kind="regression")
@@ -294,6 +315,8 @@ class DistillLoss(nn.Module):
                 m.load_extra_tensors(mine)
 
     def forward(self, e: Embeddings) -> tuple[torch.Tensor, dict[str, float]]:
-        values = {k: m(e) for k, m in self.terms.items()}
+        ref = next(x for x in (e.s_img, e.s_txt, e.t_img, e.t_txt) if x is not None)
+        with full_precision(ref):
+            values = {k: m(e) for k, m in self.terms.items()}
         total = sum(self.weights[k] * v for k, v in values.items())
         return total, {k: float(v.detach()) for k, v in values.items()}

@@ -101,6 +101,26 @@ class PackedImages:
         self.size = int(meta["size"])
         self.index: dict[str, list[int]] = meta["images"]
         self._shards: dict[int, np.ndarray] = {}
+        self._check(int(meta["shards"]))
+
+    def _check(self, shards: int) -> None:
+        """Every shard must open with the rows the index points at: a damaged store names its shard
+        (instead of every image in it being skipped as if the photos were broken)."""
+        from .errors import FileFormatError
+
+        need = [0] * shards
+        for shard, row, _, _ in self.index.values():
+            need[shard] = max(need[shard], row + 1)
+        for n in range(shards):
+            f = self.folder / f"images_{n:05d}.npy"
+            try:
+                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # missing, truncated, header damaged
+                raise FileFormatError(f"{f}: the packed store is damaged ({type(e).__name__}: {str(e)[:80]}); pack "
+                                      "the images again with `distill data pack`") from None
+            if arr.ndim != 4 or arr.shape[1:] != (self.size, self.size, 3) or len(arr) < need[n]:
+                raise FileFormatError(f"{f}: shape {arr.shape}, expected [{need[n]}+, {self.size}, {self.size}, 3]; "
+                                      "pack the images again with `distill data pack`")
 
     def __contains__(self, path: str) -> bool:
         return path in self.index

@@ -98,10 +98,15 @@ def load_templates(spec: str | None) -> tuple[str, ...]:
         return SIMPLE_TEMPLATES
     from pathlib import Path
 
-    lines = [l.strip() for l in Path(spec).read_text(encoding="utf-8").splitlines() if l.strip()]
-    bad = [l for l in lines if "{}" not in l]
-    if bad:
-        from .errors import DataError
+    from .data import read_text_file
+    from .errors import DataError, DataNotFoundError
 
+    if not Path(spec).is_file():
+        raise DataNotFoundError(f"--templates {spec}: not imagenet, simple or a file of templates")
+    lines = [line.strip() for line in read_text_file(spec).splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{spec}: no templates in the file (one per line, each with a {{}} for the class name)")
+    bad = [line for line in lines if "{}" not in line]
+    if bad:
         raise DataError(f"{spec}: template without a {{}} placeholder: {bad[0]!r}")
     return tuple(lines)

@@ -17,7 +17,8 @@ from torch import nn
 from . import dist
 from .config import DEFAULT_TEACHER, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
-from .errors import CacheError, CacheMismatchError, DataError, RecipeError, UnknownNameError
+from .errors import (CacheError, CacheMismatchError, DataError, DataNotFoundError, FileFormatError, MissingFileError,
+                     RecipeError, UnknownNameError)
 from .loop import (FitResult, NonFiniteLossError, TrainLoop, data_fingerprint, image_reader,  # noqa: F401
                    lr_at, make_loader_factory, make_optimizer, run_identity, seed_everything)
 from .losses import DistillLoss, Embeddings
@@ -136,7 +137,7 @@ class Distiller:
         r = self.recipe
         try:
             return load_teacher(name, pretrained=r.teacher.pretrained, **r.teacher.kwargs)
-        except UnknownNameError as e:
+        except (UnknownNameError, MissingFileError, FileFormatError) as e:
             raise RecipeError(f"teacher.name: {e}") from None
 
     def _prepare_cache(self, rows: Rows, teacher):
@@ -194,14 +195,21 @@ class Distiller:
         source = data if data is not None else r.data.train
         if source is None or (isinstance(source, str) and not source):
             raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
-        rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+        try:
+            rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+        except DataNotFoundError as e:
+            if data is not None:
+                raise
+            import os
+
+            raise DataNotFoundError(f"data.train: {e} (relative paths are read from {os.getcwd()})") from None
         if student.image is not None and not rows.has_images:
             raise DataError(f"{rows.source}: the student has an image tower but the data has no images")
         if student.image is None and not rows.has_text:
             raise DataError(f"{rows.source}: the student is text-only but the data has no captions")
-        uses_images = rows.has_images and (student.image is not None or bool(self.cache_dir)
-                                           or (teacher is not None and teacher.has_image))
-        keep, why = split_usable(rows, need_image=uses_images, need_caption=rows.has_text)
+        # the rules of `distill data check`: in data with images, a row without one is left out, as is
+        # a row without a caption in data with captions
+        keep, why = split_usable(rows, need_image=rows.has_images, need_caption=rows.has_text)
         skipped = [(rows, i, reason) for i, reason in why.items()]
         rows = rows.subset(keep)
         keys = None
@@ -211,21 +219,28 @@ class Distiller:
             keep = found.usable()
             keys = ([found.image_keys[i] for i in keep], [found.text_keys[i] for i in keep])
             rows = rows.subset(keep)
-            identity = cache.manifest["teacher"]
-        else:
-            identity = teacher.identity
+        if not len(rows):
+            summary = SkipLog(None, write=False)
+            for rs, i, reason in skipped:
+                summary.add(rs, i, reason)
+            raise DataError(f"{rows.source or 'the data'}: no usable rows to train on ({summary.summary() or 'empty'}); "
+                            "`distill data check` lists them")
+        identity = self._cache.manifest["teacher"] if self.cache_dir else teacher.identity
         train, held = self._hold_out(rows)
         train_rows = rows.subset(train)
         if self.cache_dir:
-            dataset, collate = self._cached_data(train_rows, [keys[0][i] for i in train], [keys[1][i] for i in train],
-                                                 student)
+            dataset, collate = self._cached_data(train_rows, [keys[0][i] for i in train],
+                                                 [keys[1][i] for i in train], student)
         else:
             dataset, collate = self._online_data(train_rows, teacher, student)
         step_module = DistillStep(None if self.cache_dir else teacher, student,
                                   DistillLoss(r.loss.weights, r.loss.kwargs))
         pin = torch.cuda.is_available() and not r.train.cpu
         workers = r.data.num_workers if rows.has_images else 0
-        run = run_identity(r, teacher=identity, student=student.config(), data=data_fingerprint(train_rows))
+        train_keys = [keys[0][i] for i in train] if keys else None
+        teacher_id = {k: v for k, v in (identity or {}).items() if k != "path"}  # a moved teacher is the same
+        run = run_identity(r, teacher=teacher_id, student=student.config(),
+                           data=data_fingerprint(train_rows, train_keys, progress=r.train.progress))
         loop = TrainLoop(r, step_module,
                          make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin),
                          run=run, rows=train_rows)
@@ -234,9 +249,6 @@ class Distiller:
         loop.skips = SkipLog(out / "skipped.jsonl", write=dist.is_main(), resume=loop.resume_from is not None)
         for rs, i, reason in skipped:
             loop.skips.add(rs, i, reason)
-        if not len(train_rows):
-            raise DataError(f"{rows.source or 'the data'}: no usable rows left to train on "
-                            f"({loop.skips.summary() or 'the data is empty'})")
         health = self._health(rows.subset(held), [keys[0][i] for i in held] if keys else None,
                               [keys[1][i] for i in held] if keys else None, teacher, student, loop.skips) \
             if held and dist.is_main() else None  # the main process checks and writes health.jsonl

@@ -27,7 +27,7 @@ from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
 from .data import PairDataset, SkipLog, as_rows, make_collate, split_usable
 from .dist import gather_rows
-from .errors import DataError, RecipeError
+from .errors import DataError, RecipeError, UnknownNameError
 from .loop import (FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity,
                    seed_everything)
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
@@ -159,7 +159,11 @@ class Tuner:
 
             kwargs = dict(self.recipe.student.kwargs)
             seed_everything(self.recipe.train.seed)  # the same recipe and seed give the same initial model
-            model = create_student(self.recipe.student.name, embed_dim=kwargs.pop("embed_dim", t.embed_dim), **kwargs)
+            try:
+                model = create_student(self.recipe.student.name, embed_dim=kwargs.pop("embed_dim", t.embed_dim),
+                                       **kwargs)
+            except UnknownNameError as e:
+                raise RecipeError(f"student.name: {e}") from None
         if model.image is None or model.text is None:
             raise RecipeError("student.name: tuning needs a two-tower model (an image and a text tower), e.g. "
                               "resnet18+hf:minilm")
@@ -199,7 +203,7 @@ class Tuner:
         dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed,
                               image_reader(r.data), flip=r.data.flip)
         pin = torch.cuda.is_available() and not r.train.cpu
-        run = run_identity(r, model=model.config(), data=data_fingerprint(rows))
+        run = run_identity(r, model=model.config(), data=data_fingerprint(rows, progress=r.train.progress))
         loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
                                                       r.data.num_workers, pin), run=run, rows=rows)
         loop.claim()  # before anything is written into the output folder

@@ -26,7 +26,7 @@ from ..errors import CacheError, CacheMismatchError
 from ..io import atomic_write_bytes, read_json, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
 from .keys import image_keys, text_key
-from .store import DTYPES, FORMAT, KINDS, build_key, compare, read_meta
+from .store import DTYPES, FORMAT, KINDS, build_fields, build_key, compare, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class TeacherService:
                 raise CacheMismatchError(f"{self.dir} holds a cache built differently ({diff}); "
                                          "build into another folder or delete this one")
             return current
-        foreign = self._foreign_shards(expected["build"])
+        foreign = self._foreign_shards(expected)
         if foreign:
             raise CacheMismatchError(f"{self.dir} has no manifest.json but holds {foreign}; they cannot be "
                                      "added to: build into another folder, or delete this one")
@@ -252,19 +252,24 @@ class TeacherService:
         write_json(path, manifest)
         return manifest
 
-    def _foreign_shards(self, build: str) -> str:
+    def _foreign_shards(self, expected: dict[str, Any]) -> str:
         """'' when the folder holds no shard, or only shards of this very build (a lost manifest is
         rewritten then), else what the others are. A build writes its manifest before any shard."""
-        other = unknown = 0
+        other, unknown, diff = 0, 0, ""
         for kind in KINDS:
             for meta in (self.dir / kind).glob("shard_*.json"):
                 try:
-                    other += read_json(meta).get("build") != build
+                    m = read_json(meta)
                 except ValueError:
                     unknown += 1
+                    continue
+                if m.get("build") != expected["build"]:
+                    other += 1
+                    diff = diff or compare(m.get("built_with") or {}, build_fields(expected))
             unknown += sum(1 for f in (self.dir / kind).glob("shard_*.npy")
                            if not (f.parent / (f.name.split(".")[0] + ".json")).exists())
-        parts = [f"{other} shards built with another teacher, preprocessing or view policy"] if other else []
+        parts = [f"{other} shards built differently ({diff or 'another teacher, preprocessing or view policy'})"] \
+            if other else []
         parts += [f"{unknown} shard files of unknown origin"] if unknown else []
         return " and ".join(parts)
 
@@ -366,7 +371,7 @@ class TeacherService:
         write_json(base.with_suffix(".json"), {
             "rows": len(rows), "ids": [plan.keys[i] for i in rows], "paths": [plan.located[i][0] for i in rows],
             "stat": [list(plan.located[i][1]) if plan.located[i][1] else [0, 0] for i in rows],
-            "skipped": skipped, "build": manifest["build"], "sha256": sha})
+            "skipped": skipped, "build": manifest["build"], "built_with": build_fields(manifest), "sha256": sha})
 
     def plan_texts(self, rows: Rows, build: str | None = None) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
         """Captions the cache lacks, cut into numbered shards (number, start)."""
@@ -400,7 +405,8 @@ class TeacherService:
             base = self.dir / "texts" / f"shard_{next_shard:05d}"
             sha = {"emb": _save(base.with_suffix(".npy"), arr)}
             write_json(base.with_suffix(".json"), {"rows": len(good), "ids": [k for _, k in good], "skipped": skipped,
-                                                   "build": manifest["build"], "sha256": sha})
+                                                   "build": manifest["build"], "built_with": build_fields(manifest),
+                                                   "sha256": sha})
             if on_shard:
                 on_shard("texts", next_shard)
             encoded += len(good)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
@@ -49,12 +50,16 @@ def locate(path: str) -> tuple[str, tuple[int, int] | None]:
         st = os.stat(real)
     except OSError:
         return real + sep + member, None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a pipe (opening it would block), a device
+        return real + sep + member, None
     return real + sep + member, (st.st_size, st.st_mtime_ns)
 
 
 def content_key(path: str) -> str:
     """Hash of the image's bytes (a file, a tar member or a dataset row); ``missing:...`` when unreadable."""
     try:
+        if not path.startswith("hf://") and not stat.S_ISREG(os.stat(path.partition("::")[0]).st_mode):
+            raise ValueError("not a regular file")
         if "::" in path or path.startswith("hf://"):
             from ..data import _image_bytes
 

@@ -30,9 +30,20 @@ BUILD_FIELDS = ("teacher", "preprocess", "view_policy", "dtype", "embed_dim")
 KINDS = ("images", "texts")
 
 
+def build_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields every shard of one cache must share (what produced its numbers), without info-only ones."""
+    out = {k: manifest.get(k) for k in BUILD_FIELDS}
+    if isinstance(out.get("teacher"), dict):
+        out["teacher"] = {k: v for k, v in out["teacher"].items() if k not in INFO_ONLY}
+    return out
+
+
 def build_key(manifest: dict[str, Any]) -> str:
-    """Hash of the fields every shard of one cache must share (what produced its numbers)."""
-    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in BUILD_FIELDS}, sort_keys=True).encode()).hexdigest()[:20]
+    """Hash of ``build_fields``: every shard records it."""
+    return hashlib.sha256(json.dumps(build_fields(manifest), sort_keys=True).encode()).hexdigest()[:20]
+
+
+INFO_ONLY = {"path"}  # recorded, never compared: where a teacher folder was when it was used
 
 
 def compare(manifest: dict[str, Any], expected: dict[str, Any], keys: Sequence[str] | None = None) -> str:
@@ -41,7 +52,7 @@ def compare(manifest: dict[str, Any], expected: dict[str, Any], keys: Sequence[s
     for key in keys or expected:
         a, b = manifest.get(key), expected.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(set(a) | set(b)):
+            for sub in sorted((set(a) | set(b)) - INFO_ONLY):
                 if a.get(sub) != b.get(sub):
                     diffs.append(f"{key}.{sub}: {a.get(sub)!r} in the cache vs {b.get(sub)!r} now")
         elif a != b:
@@ -157,6 +168,8 @@ class EmbeddingCache:
                     views = load_array(files["views"])
                     if views.shape != (n, k, 5):
                         raise CacheError(f"{files['views']}: shape {views.shape}, expected {(n, k, 5)}; rebuild this shard")
+                    if check_values:
+                        _check_views(views, files["views"], meta)
                     cache._images.append(emb)
                     cache._views.append(views)
                     cache._paths.append(meta.get("paths") or [""] * n)
@@ -280,6 +293,21 @@ class EmbeddingCache:
                 if cos < 0.99:
                     problems.append(f"{p} view {v}: stored embedding has cosine {cos:.4f} to a fresh one")
         return problems
+
+
+def _check_views(views: np.ndarray, file: Path, meta: dict[str, Any]) -> None:
+    """Stored crops must be boxes inside the image: x0, y0 >= 0, w, h in (0, 1], x0 + w <= 1, y0 + h <= 1."""
+    v = np.asarray(views, dtype=np.float64)
+    if not len(v):
+        return
+    eps = 1e-4
+    ok = np.isfinite(v).all(-1) & (v[..., 0] >= -eps) & (v[..., 1] >= -eps) & (v[..., 2] > 0) & (v[..., 3] > 0) \
+        & (v[..., 0] + v[..., 2] <= 1 + eps) & (v[..., 1] + v[..., 3] <= 1 + eps)
+    if not ok.all():
+        r = int(np.argwhere(~ok)[0][0])
+        what = (meta.get("paths") or [None] * (r + 1))[r] or meta["ids"][r]
+        raise CacheError(f"{file}: row {r} ({what}) holds an impossible crop {v[r][~ok[r]][0].tolist()}; the shard is "
+                         "damaged: delete it (its .npy and .json files) and run `distill cache build` again")
 
 
 def _check_finite(arr: np.ndarray, file: Path, meta: dict[str, Any], chunk: int = 65536) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import RecipeError
+from .._imports import require
+from ..errors import RecipeError, UnknownNameError
 from ..registry import Registry
 
 STUDENTS = Registry("student")
@@ -25,14 +26,47 @@ def list_students(pattern: str = "*") -> list[str]:
 
 
 def create_tower(name: str, embed_dim: int, **kwargs: Any):
-    """One tower by name: registered, ``timm:<name>`` or ``hf:<id|dir>``."""
-    if name.startswith("timm:"):
-        return _image.timm_tower(name[5:], embed_dim, **kwargs)
-    if name.startswith("openclip:"):
-        return _image.openclip_tower(name[9:], embed_dim, **kwargs)
-    if name.startswith("hf:"):
-        return _text.hf_text_tower(name[3:], embed_dim, **kwargs)
-    return STUDENTS.create(name, embed_dim=embed_dim, **kwargs)
+    """One tower by name: registered, ``timm:<name>`` or ``hf:<id|dir>``. An unknown name or an option
+    the tower does not take stops with the close matches or the option named."""
+    try:
+        if name.startswith("timm:"):
+            _check_timm_name(name[5:])
+            return _image.timm_tower(name[5:], embed_dim, **kwargs)
+        if name.startswith("openclip:"):
+            return _image.openclip_tower(name[9:], embed_dim, **kwargs)
+        if name.startswith("hf:"):
+            return _text.hf_text_tower(name[3:], embed_dim, **kwargs)
+        if name not in STUDENTS:
+            STUDENTS.get(name)  # raises UnknownNameError with close matches
+        return STUDENTS.create(name, embed_dim=embed_dim, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e) and "got multiple values" not in str(e):
+            raise
+        import inspect
+        import re
+
+        bad = re.search(r"argument '(\w+)'", str(e))
+        if bad and bad.group(1) in (kwargs.get("model_kwargs") or {}):
+            raise RecipeError(f"student.kwargs.model_kwargs: the {name} model takes no option {bad.group(1)!r}") from None
+        fn = STUDENTS.get(name).fn if name in STUDENTS else None
+        if fn is not None and list(inspect.signature(fn).parameters) == ["embed_dim", "kwargs"]:
+            fn = _image.create_image_tower  # the registered image students pass their options on to it
+        skip = ("embed_dim", "kwargs", "arch", "timm_name")
+        takes = ", ".join(p for p in inspect.signature(fn).parameters if p not in skip) if fn else ""
+        hint = f"; {name} takes {takes}" if takes else ""
+        raise RecipeError(f"student.kwargs: {str(e).split(') ', 1)[-1]}{hint}") from None
+
+
+def _check_timm_name(model: str) -> None:
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return
+    timm = require("timm", "image students")
+    if not timm.is_model(model):
+        import difflib
+
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownNameError(f"unknown timm model {model!r}.{hint} (timm.list_models() lists them)")
 
 
 def create_student(

@@ -81,9 +81,19 @@ def load_teacher(
     elif name in TEACHERS:
         return TEACHERS.create(name, pretrained=pretrained, device=device, **kwargs)
     elif os.path.isdir(name):
+        from ..errors import RecipeError
         from .folder import load_folder
 
+        if pretrained or kwargs:
+            given = ", ".join(["pretrained"] * bool(pretrained) + sorted(kwargs))
+            raise RecipeError(f"teacher.pretrained / teacher.kwargs: {name} is a saved model folder, which takes no "
+                              f"options (got {given})")
         teacher = load_folder(name)
+    elif os.sep in name or name.startswith((".", "~")):
+        from ..errors import MissingFileError
+
+        raise MissingFileError(f"{name}: no such folder (a teacher is a registered name, openclip:<arch>, "
+                               "hf:<id|folder>, text:<id|folder> or a saved model folder)")
     else:
         TEACHERS.get(name)  # raises with close matches
         raise AssertionError("unreachable")

@@ -9,16 +9,24 @@ from .base import Teacher, file_hash
 
 
 class FolderTeacher(Teacher):
-    """Wraps a saved two-tower model (``Student.save`` layout) as a frozen teacher."""
+    """Wraps a saved two-tower model (``Student.save`` layout) as a frozen teacher.
+
+    Its identity is the architecture and the hash of its weights; the folder's ``path`` is recorded
+    (to load it again) but never compared: a copied or moved teacher is the same teacher."""
 
     backend = "folder"
 
-    def __init__(self, model: Student, name: str):
+    def __init__(self, model: Student, name: str, path: str = ""):
         pre = model.preprocess
         ctx = model.text.context_length if model.text is not None else 0
         super().__init__(name, model.embed_dim, pre, ctx)
         self.model = model
+        self.path = path
         self.freeze()
+
+    @property
+    def identity(self) -> dict:
+        return {**super().identity, "path": self.path}
 
     @property
     def has_text(self) -> bool:
@@ -44,7 +52,9 @@ def weights_file(path: str | Path) -> Path | None:
 
 def load_folder(path: str | Path) -> FolderTeacher:
     path = Path(path)
-    teacher = FolderTeacher(load_student(path), str(path.resolve()))
+    model = load_student(path)
+    arch = "+".join(t.spec.get("arch", "?") for t in (model.image, model.text) if t is not None)
+    teacher = FolderTeacher(model, arch, str(path.resolve()))
     weights = weights_file(path)
     teacher.weights_id = file_hash(weights) if weights is not None else "unknown"
     return teacher
