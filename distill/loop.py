@@ -15,6 +15,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -188,6 +189,49 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
+class StepTimes:
+    """Where a run's wall time goes, in seconds: waiting for the next batch (``data``: loading, decoding,
+    crops, cache gathers in the loader), the training step (``step``: forward, loss, backward, optimiser),
+    ``log`` (records, progress bar), ``hooks`` (health checks) and ``checkpoint``. ``window`` holds the same
+    since the last log line: the live data-wait fraction comes from it."""
+
+    PARTS = ("data", "step", "log", "hooks", "checkpoint")
+
+    def __init__(self):
+        self.total = dict.fromkeys(self.PARTS, 0.0)
+        self.window = dict.fromkeys(self.PARTS, 0.0)
+        self.start = dict.fromkeys(self.PARTS, 0.0)  # totals when the loader had warmed up (``mark``)
+        self.start_steps = 0
+
+    def mark(self, steps: int) -> None:
+        """Remember where the steady state starts (after the loader's first batches)."""
+        self.start, self.start_steps = dict(self.total), steps
+
+    def steady(self) -> dict[str, float]:
+        return {k: self.total[k] - self.start[k] for k in self.PARTS}
+
+    @contextmanager
+    def __call__(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.total[part] += dt
+            self.window[part] += dt
+
+    def data_fraction(self, window: bool = True) -> float:
+        """Waiting for data as a fraction of data + step time."""
+        t = self.window if window else self.total
+        return t["data"] / max(t["data"] + t["step"], 1e-9)
+
+    def reset_window(self) -> None:
+        self.window = dict.fromkeys(self.PARTS, 0.0)
+
+
+SLOW_DATA = 0.25  # warn once when waiting for data takes more than this share of the step time
+
+
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -244,12 +288,13 @@ class TrainLoop:
         run: what this run is (``run_identity``): checkpoints are tied to it.
         skips: the run's SkipLog; ``rows`` the dataset's rows (batch ``skipped`` entries index them).
         hooks: called with the step number on the main process after each step.
+        data_hint: what would make loading faster for this run (said once if loading is slow).
     """
 
     def __init__(self, recipe: Recipe, modules: nn.Module, make_loader: Callable[[int, int, int], Iterator],
                  run: dict[str, Any] | None = None, rows: Rows | None = None, skips: SkipLog | None = None,
                  images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
-                 hooks: Sequence[Callable[[int], Any]] = ()):
+                 hooks: Sequence[Callable[[int], Any]] = (), data_hint: str = ""):
         self.cfg = recipe
         self.modules = modules
         self.make_loader = make_loader
@@ -260,6 +305,8 @@ class TrainLoop:
         self.output_dir = Path(recipe.train.output_dir)
         self.resume_from: Path | None = None
         self._claimed = False
+        self.data_hint = data_hint
+        self.times = StepTimes()
 
     def claim(self) -> Path | None:
         """Check the output folder against this run (see ``claim_output_dir``); call before writing there.
@@ -333,14 +380,15 @@ class TrainLoop:
         loader = self.make_loader(consumed, acc.process_index, acc.num_processes)
         bar = _progress(t.max_steps, step, enabled=t.progress and acc.is_local_main_process)
         model.train()
-        tic, seen = time.perf_counter(), 0
+        tic, seen, times, warned, first = time.perf_counter(), 0, self.times, False, step
         while step < t.max_steps:
             total, terms_sum = 0.0, {}
             for _ in range(t.grad_accum):
-                batch, n_batches = self._next_batch(loader)
+                with times("data"):
+                    batch, n_batches = self._next_batch(loader)
                 consumed += n_batches
                 seen += self.images_per_batch(batch) * acc.num_processes
-                with acc.accumulate(model), acc.autocast():
+                with times("step"), acc.accumulate(model), acc.autocast():
                     loss, terms, error = self._forward(model, batch, step)
                     self._stop_together(error, loss, terms, step, ckpt_root)
                     acc.backward(loss)
@@ -351,31 +399,48 @@ class TrainLoop:
                             acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                # the loss of the whole global batch: the mean over processes
-                values = dist.mean(torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64,
-                                                device=dist.collective_device(acc.device)))
+                    # the loss of the whole global batch: the mean over processes (also the step's sync point)
+                    values = dist.mean(torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64,
+                                                    device=dist.collective_device(acc.device)))
                 total += float(values[0]) / t.grad_accum
                 for k, v in zip(terms, values[1:].tolist()):
                     terms_sum[k] = terms_sum.get(k, 0.0) + v / t.grad_accum
             step += 1
-            self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc)
-            rate = seen / max(1e-9, time.perf_counter() - tic)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}")
+            with times("log"):
+                wait = times.data_fraction()
+                self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc, wait)
+                rate = seen / max(1e-9, time.perf_counter() - tic)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}", wait=f"{wait:.0%}")
+                if step - first == 2:
+                    times.reset_window()  # the first batches wait for the loader's start, not for its speed
+                    times.mark(step - first)
+                elif not warned and step - first >= 10:
+                    warned = self._warn_if_slow(times.data_fraction(), acc)
+                if step % t.log_every == 0 and step - first > 2:
+                    times.reset_window()
             if acc.is_main_process:
-                for hook in self.hooks:
-                    hook(step)
+                with times("hooks"):
+                    for hook in self.hooks:
+                        hook(step)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
-                                    {"consumed": consumed, "history": history, "run": rid, "max_steps": t.max_steps},
-                                    keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules)
-                acc.wait_for_everyone()  # no process runs ahead of a checkpoint being written
+                with times("checkpoint"):
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
+                                        {"consumed": consumed, "history": history, "run": rid,
+                                         "max_steps": t.max_steps},
+                                        keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules)
+                    acc.wait_for_everyone()  # no process runs ahead of a checkpoint being written
         bar.close()
         if acc.log_with:
             acc.end_training()
         self.samples_per_s = seen / max(1e-9, time.perf_counter() - tic)
+        steady = times.steady()
+        self.timing = {**{f"{k}_s": v for k, v in times.total.items()}, "steps": step - first,
+                       "data_wait": times.data_fraction(window=False),
+                       "steady": {**{f"{k}_s": v for k, v in steady.items()},
+                                  "steps": step - first - times.start_steps}}
         self.is_main = acc.is_main_process
         if self.skips is not None and self.skips.count:
             log.warning(self.skips.summary())
@@ -435,16 +500,28 @@ class TrainLoop:
 
                 raise DataError("1000 batches in a row had no usable rows; run `distill data check` on the data")
 
-    def _record(self, history, step, loss, terms, lr, acc) -> None:
+    def _warn_if_slow(self, fraction: float, acc) -> bool:
+        """Say once that loading is the bottleneck, and what would fix it."""
+        if fraction <= SLOW_DATA or not acc.is_main_process:
+            return False
+        workers = self.cfg.data.num_workers
+        hints = [self.data_hint] if self.data_hint else []
+        hints.append(f"more loader processes (data.num_workers={max(workers * 2, 2)}; now {workers})")
+        log.warning("waiting for data takes %.0f%% of each step (over %.0f%%): the student waits for its inputs. "
+                    "Try %s.", 100 * fraction, 100 * SLOW_DATA, " or ".join(hints))
+        return True
+
+    def _record(self, history, step, loss, terms, lr, acc, data_wait: float = 0.0) -> None:
         history["loss"].append(loss)
         history.setdefault("lr", []).append(lr)
         for k, v in terms.items():
             history.setdefault(k, []).append(v)
         if acc.log_with:
-            acc.log({"loss": loss, "lr": lr, **terms}, step=step)
+            acc.log({"loss": loss, "lr": lr, **terms, "data_wait": data_wait}, step=step)
         if acc.is_main_process and (step % self.cfg.train.log_every == 0 or step == 1):
             with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms}) + "\n")
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms,
+                                    "data_wait": round(data_wait, 4)}) + "\n")
 
 
 def _has_tensorboard() -> bool:

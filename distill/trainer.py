@@ -243,7 +243,7 @@ class Distiller:
                            data=data_fingerprint(train_rows, train_keys, progress=r.train.progress))
         loop = TrainLoop(r, step_module,
                          make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin),
-                         run=run, rows=train_rows)
+                         run=run, rows=train_rows, data_hint=_data_hint(r, rows.has_images, bool(self.cache_dir)))
         loop.claim()  # before anything is written into the output folder
         out = Path(r.train.output_dir)
         loop.skips = SkipLog(out / "skipped.jsonl", write=dist.is_main(), resume=loop.resume_from is not None)
@@ -260,7 +260,7 @@ class Distiller:
         if loop.is_main:
             student.cpu().eval().save(student_dir)
         return FitResult(out, history, student, student_dir, steps,
-                         {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count})
+                         {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count, "timing": loop.timing})
 
     def _hold_out(self, rows: Rows) -> tuple[list[int], list[int]]:
         """(train rows, held-out rows): a slice of whole images for the health checks (none for small
@@ -371,6 +371,16 @@ class DistillStep(nn.Module):
     @property
     def loss_device(self) -> torch.device:
         return next(self.student.parameters()).device
+
+
+def _data_hint(r: Recipe, images: bool, cached: bool) -> str:
+    """What would make this run's loading faster (said once by the loop when loading is slow)."""
+    hints = []
+    if images and not r.data.packed:
+        hints.append("a packed store (`distill data pack DATA --out PACK`, then data.packed=PACK): no JPEG decoding")
+    if not cached:
+        hints.append("a teacher cache (`distill cache build`, then cache.dir=DIR): the teacher runs once, not every step")
+    return " or ".join(hints)
 
 
 def _check_image_size(student, image_size: int | None) -> None:

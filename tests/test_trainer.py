@@ -66,3 +66,28 @@ def test_data_errors_are_clear(teacher, student, tmp_path):
         Distiller(teacher, student, output_dir=str(tmp_path / "x"), **FAST).fit(str(f))
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         Distiller(teacher, student, output_dir=str(tmp_path / "x"), **FAST).fit(str(tmp_path / "nope.csv"))
+
+
+def test_slow_loading_is_shown_and_warned_about_once(teacher, shapes, tmp_path, monkeypatch, caplog):
+    import json
+    import time
+
+    from distill import trainer
+    from distill.data import RawImages
+
+    class SlowReader(RawImages):  # a disk (or decoder) slower than the student
+        def open(self, path):
+            time.sleep(0.01)
+            return super().open(path)
+
+    monkeypatch.setattr(trainer, "image_reader", lambda data_cfg: SlowReader())
+    with caplog.at_level("WARNING"):
+        result = Distiller(teacher, tiny_student(), output_dir=str(tmp_path / "slow"), max_steps=16, log_every=1,
+                           health_every=0, **FAST).fit(str(shapes / "train.csv"))
+    warnings = [r.getMessage() for r in caplog.records if "waiting for data takes" in r.getMessage()]
+    assert len(warnings) == 1 and "data.packed" in warnings[0] and "data.num_workers" in warnings[0]
+    log = [json.loads(x) for x in (tmp_path / "slow" / "log.jsonl").read_text().splitlines()]
+    assert all("data_wait" in x for x in log) and log[-1]["data_wait"] > 0.25
+    timing = result.extra["timing"]
+    assert timing["steps"] == 16 and timing["data_s"] > 16 * 16 * 0.01 * 0.9  # 16 batches of 16 sleeps
+    assert timing["data_wait"] > 0.25
