@@ -16,6 +16,7 @@ commands:
   export   deployable exports: safetensors, ONNX (FP32/FP16/INT8), open_clip, sentence-transformers, timm
   eval     student vs teacher: zero-shot, retrieval, fidelity, cost, and a report with plots
   cache    build / inspect / verify a teacher embedding cache (run the teacher once, train many times)
+  tokenizer train a tokenizer for captions in any language (accents kept, CJK split)
   list     show the registered teachers, students and losses
 """
 
@@ -160,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--pretrained")
     v.add_argument("--data", help="image,caption pairs for retrieval and fidelity")
     v.add_argument("--classes", help="class-folder set or CSV with labels for zero-shot")
+    v.add_argument("--queries", action="append", default=[], metavar="[NAME=]FILE",
+                   help="captions in another language of the --data photos (image,caption): cross-lingual caption "
+                        "retrieval against --data's captions, and text->image with an image tower; repeatable")
     v.add_argument("--templates", default="imagenet", help="imagenet (80 CLIP prompts), simple, or a file")
     v.add_argument("--limit", type=_count(1), help="evaluate at most this many rows of each set")
     v.add_argument("--out", help="report folder")
@@ -195,6 +199,21 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--data", help="the data the cache was built from (with --teacher)")
     cv.add_argument("--sample", type=_count(0), default=32)
     cv.add_argument("--allow-stale", action="store_true", help="skip the teacher identity check")
+
+    tk = sub.add_parser("tokenizer", help="train a tokenizer for captions in any language",
+                        description="Learns a WordPiece (default, BERT-compatible), BPE or Unigram vocabulary from the "
+                        "captions of the data sources (Unicode NFC or NFKC, accents kept, CJK characters one token "
+                        "each) and writes a transformers tokenizer folder. Use it with student.kwargs.tokenizer=DIR "
+                        "(a student from scratch) or student.kwargs.extend_vocab=DIR (grow a pretrained vocabulary).")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="learn a vocabulary from captions")
+    tt.add_argument("sources", nargs="+", help="caption data (csv, jsonl, txt, folder...) or parallel csv files")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab", type=_count(16), default=16000, help="vocabulary size")
+    tt.add_argument("--model", default="wordpiece", choices=["wordpiece", "bpe", "unigram"])
+    tt.add_argument("--normalize", default="nfc", choices=["nfc", "nfkc"])
+    tt.add_argument("--lowercase", action="store_true")
+    tt.add_argument("--columns", default=None, help="columns of a parallel csv to read (e.g. en,de,fr)")
 
     sub.add_parser("list", help="registered teachers, students and losses")
     return p
@@ -241,6 +260,10 @@ def cmd_eval(args) -> int:
     if not args.data and not args.classes:
         raise RecipeError("--data / --classes: give --data (caption pairs) and/or --classes (labelled images)")
     captions = load_rows(args.data) if args.data else None
+    queries = {}
+    for spec in args.queries:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        queries[name or Path(path).stem] = load_rows(path)
     classes = load_rows(args.classes) if args.classes else None
     if classes is not None and not classes.labels:
         raise DataError(f"{args.classes}: no labels: use class subfolders with images in them, or a file with a "
@@ -251,7 +274,8 @@ def cmd_eval(args) -> int:
         pick = lambda rows: rows.subset(sorted(np.random.default_rng(0).permutation(len(rows))[:args.limit]))  # noqa: E731
         captions = pick(captions) if captions else None
         classes = pick(classes) if classes else None
-    results = evaluate_pair(teacher, student, captions, classes, load_templates(args.templates), device=args.device)
+    results = evaluate_pair(teacher, student, captions, classes, load_templates(args.templates), device=args.device,
+                            queries=queries)
     print(format_table(results))
     report = write_report(results, args.out or src / "eval", run_dir=src.parent)
     print(f"report: {report}")
@@ -295,6 +319,20 @@ def cmd_data(args) -> int:
     summary = pack_images(args.source, args.out, size=args.size, workers=args.workers)
     print(f"packed {summary.images} images at {args.size} px into {summary.path} ({summary.bytes / 1e6:.1f} MB); "
           f"{len(summary.skipped)} unreadable skipped")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from .vocab import texts_of, train_tokenizer
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else []
+    texts = texts_of(args.sources, columns)
+    tok = train_tokenizer(texts, args.vocab, args.model, args.normalize, args.lowercase)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(args.out)
+    unk = sum(e.count(tok.unk_token_id) for e in tok(texts[:2000], add_special_tokens=False)["input_ids"])
+    print(f"trained a {args.model} tokenizer of {len(tok)} tokens on {len(texts)} captions; wrote {args.out} "
+          f"({unk} [UNK] in the first {min(2000, len(texts))} captions)")
     return 0
 
 
@@ -438,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     commands = {"demo": cmd_demo, "fit": cmd_fit, "tune": cmd_tune, "export": cmd_export, "cache": cmd_cache,
-                "data": cmd_data, "plan": cmd_plan, "eval": cmd_eval, "list": cmd_list}
+                "data": cmd_data, "plan": cmd_plan, "eval": cmd_eval, "list": cmd_list, "tokenizer": cmd_tokenizer}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -50,6 +50,13 @@ class DataCfg:
     caption_column: Optional[str] = None  # column/key holding the caption (auto-detected when None)
     num_workers: int = 2  # DataLoader workers decoding images
     packed: Optional[str] = None  # a store from `distill data pack`: read pre-resized bytes, not JPEGs
+    # parallel sentences (a csv with one column per language): the teacher reads `parallel_source`, the
+    # student learns each of `parallel_targets` (all other columns when empty) onto it, and the source too
+    parallel_source: Optional[str] = None
+    parallel_targets: list[str] = field(default_factory=list)
+    parallel_keep_source: bool = True  # also train source -> source, so the student keeps that language
+    text_target: str = "caption"  # what a caption is learnt onto: caption (the teacher's text embedding of it)
+    # or image (the teacher's embedding of its image: captions in a language the teacher cannot read)
 
 
 @dataclass
@@ -393,6 +400,7 @@ RULES: dict[str, Any] = {
     "data.image_size": _image_size,
     "data.crop_scale": _crop_scale,
     "data.num_workers": _at_least(0),
+    "data.text_target": _one_of("caption", "image"),
     "cache.views": _at_least(1),
     "cache.dtype": _one_of(*CACHE_DTYPES),
     "loss.weights": _loss_weights,

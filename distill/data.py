@@ -62,6 +62,10 @@ class Rows:
     lines: list[int] | None = None
     layout: str = ""
     unit: str = "line"  # what ``lines`` count: "line" of a text file, or "item" of a JSON list
+    teacher_texts: list[str | None] | None = None  # what the teacher reads for each row, when not its caption
+
+    def teacher_text(self, i: int) -> str | None:
+        return self.teacher_texts[i] if self.teacher_texts is not None else self.captions[i]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -85,7 +89,7 @@ class Rows:
             [self.images[i] for i in idx], [self.captions[i] for i in idx],
             [self.labels[i] for i in idx] if self.labels is not None else None, self.classes, self.source,
             dict(self.extra), [self.lines[i] for i in idx] if self.lines is not None else None, self.layout,
-            self.unit,
+            self.unit, [self.teacher_texts[i] for i in idx] if self.teacher_texts is not None else None,
         )
 
 
@@ -373,6 +377,35 @@ def _folder_names(path: Path) -> dict[str, str]:
     return {}
 
 
+def load_parallel(source: str | os.PathLike, teacher_column: str, student_columns: Sequence[str] = (),
+                  keep_source: bool = True) -> Rows:
+    """Parallel sentences (a csv/tsv with one column per language, e.g. ``en,de,fr``) as rows whose caption
+    is what the student reads and whose ``teacher_texts`` is what the teacher reads: one row per sentence
+    of each student column, learnt onto the teacher's embedding of the ``teacher_column`` sentence (and,
+    with ``keep_source``, the source sentence onto itself, so the student keeps that language)."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.is_file():
+        raise DataNotFoundError(f"data.train: parallel sentences {str(source)!r}: no such file")
+    records, lines, _ = _read_table(path, read_text_file(path), "\t" if path.suffix.lower() == ".tsv" else ",")
+    columns = list(records[0])
+    if teacher_column not in columns:
+        raise DataError(f"{path}: no column {teacher_column!r} (data.parallel_source); columns are {columns}")
+    targets = list(student_columns) or [c for c in columns if c != teacher_column]
+    missing = [c for c in targets if c not in columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (data.parallel_targets); columns are {columns}")
+    learn = targets + ([teacher_column] if keep_source and teacher_column not in targets else [])
+    captions, teacher, out_lines = [], [], []
+    for rec, line in zip(records, lines):
+        src = (rec.get(teacher_column) or "").strip() or None
+        for col in learn:
+            captions.append((rec.get(col) or "").strip() or None)
+            teacher.append(src)
+            out_lines.append(line)
+    return Rows([None] * len(captions), captions, source=str(path), lines=out_lines, teacher_texts=teacher,
+                layout=f"parallel sentences ({teacher_column} -> {', '.join(learn)})")
+
+
 def _load_folder(path: Path, image_column: str | None, caption_column: str | None) -> Rows:
     for meta in ("metadata.jsonl", "metadata.csv"):
         if (path / meta).exists():
@@ -587,6 +620,8 @@ def split_usable(rows: Rows, need_image: bool, need_caption: bool) -> tuple[list
             skipped[i] = "no image"
         elif need_caption and not (c or "").strip():
             skipped[i] = "empty caption"
+        elif rows.teacher_texts is not None and not (rows.teacher_texts[i] or "").strip():
+            skipped[i] = "empty source sentence"
         elif p is not None and need_image:
             if p not in problems:
                 problems[p] = _stat_problem(p)
@@ -703,7 +738,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int) -> dict[str, Any]:
         epoch, i = divmod(int(key), len(self.rows))
-        item: dict[str, Any] = {"index": i, "caption": self.rows.captions[i]}
+        item: dict[str, Any] = {"index": i, "caption": self.rows.captions[i], "teacher_text": self.rows.teacher_text(i)}
         path = self.rows.images[i]
         if self.views and path is not None:
             try:
@@ -722,7 +757,9 @@ def make_collate(tokenizers: dict[str, Callable[[list[str]], Any]]) -> Callable:
     """Collate items into ``{"index", "captions", "views", "tokens": {key: tokenized}, "skipped"}``.
 
     ``skipped`` lists ``(row, reason)`` of the items left out (unreadable images; with tokenizers,
-    rows without a caption); a batch whose every item was left out holds only ``skipped``."""
+    rows without a caption); a batch whose every item was left out holds only ``skipped``. The
+    ``"teacher"`` tokenizer reads each row's teacher text (its caption, or the source sentence of
+    parallel data); the others read the captions."""
 
     def collate(items: list[dict]) -> dict[str, Any]:
         skipped = [(it["index"], it["skip"]) for it in items if "skip" in it]
@@ -737,7 +774,8 @@ def make_collate(tokenizers: dict[str, Callable[[list[str]], Any]]) -> Callable:
         batch["captions"] = [it["caption"] for it in good]
         if "views" in good[0]:
             batch["views"] = {k: torch.stack([it["views"][k] for it in good]) for k in good[0]["views"]}
-        batch["tokens"] = {k: tok(batch["captions"]) for k, tok in tokenizers.items()}
+        teacher_texts = [it.get("teacher_text") or it["caption"] for it in good]
+        batch["tokens"] = {k: tok(teacher_texts if k == "teacher" else batch["captions"]) for k, tok in tokenizers.items()}
         return batch
 
     return collate

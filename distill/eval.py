@@ -6,6 +6,7 @@ normalised embeddings and an ``image_transform`` (teachers and students both qua
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Sequence
 
@@ -90,6 +91,28 @@ def caption_retrieval(text_emb: torch.Tensor, groups: Sequence[Any], ks: Sequenc
         for k in ks:
             hits[k] += int(found[has, :k].any(-1).sum())
         counted += int(has.sum())
+    return {f"r{k}": hits[k] / max(counted, 1) for k in ks}
+
+
+def cross_lingual_recall(query_emb: torch.Tensor, query_groups: Sequence[Any], gallery_emb: torch.Tensor,
+                         gallery_groups: Sequence[Any], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Recall@k of queries (captions in one language) against a gallery (captions in another): a hit
+    when one of the top k gallery captions belongs to the query's group (the same photo)."""
+    q = F.normalize(query_emb.float(), dim=-1)
+    g = F.normalize(gallery_emb.float(), dim=-1)
+    codes = {x: i for i, x in enumerate(dict.fromkeys([*gallery_groups, *query_groups]))}
+    gg = torch.tensor([codes[x] for x in gallery_groups])
+    qg = torch.tensor([codes[x] for x in query_groups])
+    hits, counted = {k: 0 for k in ks}, 0
+    has = torch.isin(qg, gg)
+    for start in range(0, len(q), 1024):
+        sim = q[start:start + 1024] @ g.t()
+        top = sim.topk(min(max(ks), len(g)), dim=-1).indices
+        found = gg[top] == qg[start:start + 1024, None]
+        keep = has[start:start + 1024]
+        for k in ks:
+            hits[k] += int(found[keep, :k].any(-1).sum())
+        counted += int(keep.sum())
     return {f"r{k}": hits[k] / max(counted, 1) for k in ks}
 
 
@@ -183,13 +206,17 @@ def _tower(model: Any, name: str):
 
 
 def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any = None,
-                  templates: Sequence[str] | None = None, device: str = "cpu") -> dict[str, Any]:
+                  templates: Sequence[str] | None = None, device: str = "cpu",
+                  queries: dict[str, Any] | None = None) -> dict[str, Any]:
     """Teacher and student side by side.
 
     Args:
         captions: Rows of image-caption pairs (retrieval, fidelity).
         classes: Rows with labels/classes (zero-shot top-1/top-5 and per-class accuracy).
         templates: prompt templates (default: the 80 CLIP ImageNet ones).
+        queries: ``{name: Rows}`` of captions in other languages of the same photos as ``captions``:
+            cross-lingual caption retrieval against ``captions`` (and text-to-image with the queries
+            when the teacher has an image tower), as ``<name>_r1`` / ``<name>_t2i_r1`` ...
 
     Returns ``{"teacher": {...}, "student": {...}, "per_class": {...}, "cosines": [...]}``. A student
     without a text (image) tower is scored with the teacher's text (image) tower, as it is deployed.
@@ -209,7 +236,15 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
             r["params_text"] = count_params(inner) - r["params_image"]
         if (name == "teacher" or s_has_img) and getattr(model, "preprocess", None) is not None:
             r.update(image_cost(model, device))
-    if captions is not None and len(captions):
+    t_has_img = getattr(teacher, "has_image", True)
+    if captions is not None and len(captions) and not t_has_img:  # a text-only teacher: captions alone
+        texts = list(dict.fromkeys(c for c in captions.captions if c))
+        t_txt = embed_texts(teacher, texts)
+        s_txt = embed_texts(student, texts) if s_has_txt else t_txt
+        res["student"]["fidelity"] = fidelity(s_txt, t_txt)
+        res["student"]["knn10_overlap"] = knn_overlap(s_txt, t_txt)
+        res["cosines"] = F.cosine_similarity(s_txt, t_txt, dim=-1).tolist()
+    elif captions is not None and len(captions):
         images, texts, pairs = caption_pairs(captions)
         t_img, t_txt = embed_images(teacher, images), embed_texts(teacher, texts)
         s_img = embed_images(student, images) if s_has_img else t_img
@@ -237,4 +272,39 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
             res["student"]["fidelity"] = fidelity(s_img, t_img)
             res["student"]["knn10_overlap"] = knn_overlap(s_img, t_img)
             res["cosines"] = F.cosine_similarity(s_img, t_img, dim=-1).tolist()
+    for lang, q in (queries or {}).items():
+        res_q = cross_lingual(teacher, student, q, captions, s_has_img, s_has_txt)
+        for name in ("teacher", "student"):
+            res[name].update({f"{lang}_{k}": v for k, v in res_q[name].items()})
     return res
+
+
+def cross_lingual(teacher: Any, student: Any, queries: Any, gallery: Any, s_has_img: bool = False,
+                  s_has_txt: bool = True) -> dict[str, dict[str, float]]:
+    """Captions in another language (``queries``, image-caption rows) against the captions of the same
+    photos in ``gallery``: caption->caption R@1/R@5 for teacher and student, and text->image R@1/R@5
+    when the teacher has an image tower (a student without one is scored with the teacher's images)."""
+    if gallery is None or not len(gallery):
+        from .errors import RecipeError
+
+        raise RecipeError("--queries: cross-lingual retrieval needs the gallery captions (--data)")
+    q = [(i, c) for i, c in zip(queries.images, queries.captions) if i and c]
+    g = [(i, c) for i, c in zip(gallery.images, gallery.captions) if i and c]
+    key = lambda p: os.path.realpath(p)  # noqa: E731  (the same photo, however the two files name it)
+    out: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
+    q_texts, g_texts = [c for _, c in q], [c for _, c in g]
+    q_groups, g_groups = [key(i) for i, _ in q], [key(i) for i, _ in g]
+    t_q, t_g = embed_texts(teacher, q_texts), embed_texts(teacher, g_texts)
+    s_q = embed_texts(student, q_texts) if s_has_txt else t_q
+    s_g = embed_texts(student, g_texts) if s_has_txt else t_g
+    out["teacher"].update(cross_lingual_recall(t_q, q_groups, t_g, g_groups))
+    out["student"].update(cross_lingual_recall(s_q, q_groups, s_g, g_groups))
+    if getattr(teacher, "has_image", False):
+        photos = list(dict.fromkeys(i for i, _ in g))
+        t_img = embed_images(teacher, photos)
+        s_img = embed_images(student, photos) if s_has_img else t_img
+        groups = [key(p) for p in photos]
+        for name, txt, img in (("teacher", t_q, t_img), ("student", s_q, s_img)):
+            r = cross_lingual_recall(txt, q_groups, img, groups)
+            out[name].update({f"t2i_{k}": v for k, v in r.items()})
+    return out

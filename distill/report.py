@@ -28,6 +28,8 @@ def format_table(results: dict[str, Any], markdown: bool = False) -> str:
     """Teacher, student and their ratio for the headline metrics present in ``results``."""
     t, s = results["teacher"], results["student"]
     cols = [c for c in HEADLINE if c in t or c in s]
+    cols += [c for c in t if c.endswith(("_r1", "_r5")) and c not in cols and c not in
+             ("i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")]  # cross-lingual retrieval (<lang>_r1, <lang>_t2i_r1)
     rows = [("teacher", [_fmt(c, t.get(c)) for c in cols]), ("student", [_fmt(c, s.get(c)) for c in cols])]
     ratio = [f"{s[c] / t[c]:.2f}" if isinstance(t.get(c), (int, float)) and isinstance(s.get(c), (int, float))
              and t.get(c) else "-" for c in cols]

@@ -146,7 +146,8 @@ class Distiller:
         from .cache import EmbeddingCache, TeacherService, lookup, missing_error
 
         r, path, cache = self.recipe, Path(self.cache_dir), self._cache
-        found = lookup(rows, cache, progress=r.train.progress) if cache is not None else None
+        text = not self._text_from_image  # captions learnt onto images need no caption embeddings
+        found = lookup(rows, cache, progress=r.train.progress, text=text) if cache is not None else None
         if found is None or found.missing:
             if teacher is None:
                 if not self._named:
@@ -164,9 +165,11 @@ class Distiller:
             service = self._service or TeacherService(teacher, path, dtype=dtype, num_workers=r.data.num_workers,
                                                       progress=r.train.progress, reader=image_reader(r.data))
             todo = rows if found is None else rows.subset(found.missing)
+            if not text:
+                todo.teacher_texts = [None] * len(todo)  # the teacher reads no caption
             service.build(todo, **policy)
             cache = self._cache = EmbeddingCache.open(path)
-            found = lookup(rows, cache, progress=False)
+            found = lookup(rows, cache, progress=False, text=text)
             if found.missing:  # the build encodes or skips (with a reason) every row it is given
                 raise CacheError(f"{path}: {len(found.missing)} rows are still missing after the build")
         self._check_views(cache)
@@ -196,7 +199,13 @@ class Distiller:
         if source is None or (isinstance(source, str) and not source):
             raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
         try:
-            rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+            if r.data.parallel_source and not isinstance(source, Rows):
+                from .data import load_parallel
+
+                rows = load_parallel(source, r.data.parallel_source, r.data.parallel_targets,
+                                     r.data.parallel_keep_source)
+            else:
+                rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
         except DataNotFoundError as e:
             if data is not None:
                 raise
@@ -207,6 +216,10 @@ class Distiller:
             raise DataError(f"{rows.source}: the student has an image tower but the data has no images")
         if student.image is None and not rows.has_text:
             raise DataError(f"{rows.source}: the student is text-only but the data has no captions")
+        self._text_from_image = r.data.text_target == "image"
+        if self._text_from_image and not (rows.has_images and rows.has_text):
+            raise RecipeError("data.text_target: image learns captions onto their images' embeddings; the data "
+                              f"({rows.source}) needs images and captions")
         # the rules of `distill data check`: in data with images, a row without one is left out, as is
         # a row without a caption in data with captions
         keep, why = split_usable(rows, need_image=rows.has_images, need_caption=rows.has_text)
@@ -234,7 +247,7 @@ class Distiller:
         else:
             dataset, collate = self._online_data(train_rows, teacher, student)
         step_module = DistillStep(None if self.cache_dir else teacher, student,
-                                  DistillLoss(r.loss.weights, r.loss.kwargs))
+                                  DistillLoss(r.loss.weights, r.loss.kwargs), text_from_image=self._text_from_image)
         pin = torch.cuda.is_available() and not r.train.cpu
         workers = r.data.num_workers if rows.has_images else 0
         train_keys = [keys[0][i] for i in train] if keys else None
@@ -311,10 +324,10 @@ class Distiller:
         if use_images and teacher.has_image:
             views["teacher"] = teacher.preprocess
         tokenizers = {}
-        if rows.has_text and teacher.has_text:
+        if rows.has_text and teacher.has_text and not self._text_from_image:
             tokenizers["teacher"] = teacher.tokenize
-            if student.text is not None:
-                tokenizers["student"] = student.tokenize
+        if rows.has_text and student.text is not None and (teacher.has_text or self._text_from_image):
+            tokenizers["student"] = student.tokenize
         dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed, image_reader(r.data),
                               flip=r.data.flip)
         return dataset, make_collate(tokenizers)
@@ -334,11 +347,12 @@ class DistillStep(nn.Module):
     """Student + losses as one module whose forward is the loss, so that a DDP-wrapped copy
     synchronises gradients; the frozen teacher is held outside the module's parameters."""
 
-    def __init__(self, teacher, student, loss: DistillLoss):
+    def __init__(self, teacher, student, loss: DistillLoss, text_from_image: bool = False):
         super().__init__()
         self.student = student
         self.loss = loss
         self._teacher = [teacher]  # a list: not registered, never trained or checkpointed
+        self.text_from_image = text_from_image  # a caption's target is its image's embedding
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.loss_device
@@ -356,6 +370,8 @@ class DistillStep(nn.Module):
                 e.t_img = t.encode_image(pix["teacher"])
             if "teacher" in batch["tokens"]:
                 e.t_txt = t.encode_text(batch["tokens"]["teacher"])
+        if self.text_from_image:
+            e.t_txt = e.t_img
         if "student" in pix:
             e.s_img = self.student.image_features(pix["student"])
         if "student" in batch["tokens"]:

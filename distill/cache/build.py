@@ -375,7 +375,8 @@ class TeacherService:
 
     def plan_texts(self, rows: Rows, build: str | None = None) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
         """Captions the cache lacks, cut into numbered shards (number, start)."""
-        captions = list(dict.fromkeys(c for c in rows.captions if c is not None))
+        texts = rows.teacher_texts if rows.teacher_texts is not None else rows.captions
+        captions = list(dict.fromkeys(c for c in texts if c is not None))
         done, first_shard = self._done("texts", build or self._build_key())
         pending = [(c, text_key(c)) for c in captions if text_key(c) not in done]
         return pending, [(first_shard + j, s0) for j, s0 in enumerate(range(0, len(pending), self.shard_size))]

@@ -133,26 +133,51 @@ def bert_small(
     pooling: str = "mean",
     pretrained: str | bool | None = None,
     proj_bias: bool = False,
+    tokenizer: str | None = None,
+    extend_vocab: str | None = None,
 ) -> TextTower:
     """Small BERT (4 layers x 256, WordPiece uncased vocab). ``pretrained="minilm"`` (or a folder)
     starts from that encoder instead (its hidden size), keeping its first ``num_layers`` layers
-    (all when None): the DistilBERT way to initialise a shallower student from its teacher."""
+    (all when None): the DistilBERT way to initialise a shallower student from its teacher.
+
+    Other languages: ``tokenizer=DIR`` builds the (random) student on a tokenizer trained for them
+    (``distill tokenizer train``); ``extend_vocab=DIR`` adds such a tokenizer's non-ASCII pieces to a
+    pretrained start's vocabulary (``vocab.grow_vocab``), keeping its English tokenization."""
+    if tokenizer and (pretrained or extend_vocab):
+        raise RecipeError("student.kwargs.tokenizer: a trained tokenizer builds a student from scratch; with "
+                          "student.kwargs.pretrained use extend_vocab instead")
+    if extend_vocab and not pretrained:
+        raise RecipeError("student.kwargs.extend_vocab: grows a pretrained vocabulary; set student.kwargs.pretrained "
+                          "(e.g. minilm), or build from scratch with student.kwargs.tokenizer")
     if pretrained:
         src = resolve_pretrained(str(pretrained))
-        return hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, "bert_small", proj_bias)
+        tower = hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, "bert_small", proj_bias)
+        if extend_vocab:
+            from ..vocab import grow_vocab, load_tokenizer
+
+            tower.tokenizer, added = grow_vocab(tower.encoder, tower.tokenizer, load_tokenizer(extend_vocab))
+            tower.spec["extended_vocab"] = len(added)
+        return tower
     num_layers = 4 if num_layers is None else num_layers
     transformers = require("transformers", "text students")
+    if tokenizer:
+        from ..vocab import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = bert_tokenizer()
     config = transformers.BertConfig(
-        vocab_size=30522,
+        vocab_size=len(tok),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         intermediate_size=hidden_size * 4,
         max_position_embeddings=max(512, context_length),
+        pad_token_id=tok.pad_token_id or 0,
     )
     encoder = transformers.BertModel(config, add_pooling_layer=False)
     spec = {"arch": "bert_small", "pooling": pooling, "context_length": context_length, "proj_bias": proj_bias}
-    return TextTower(encoder, bert_tokenizer(), embed_dim, spec)
+    return TextTower(encoder, tok, embed_dim, spec)
 
 
 def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int,

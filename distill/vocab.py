@@ -1,0 +1,159 @@
+"""Tokenizers for the user's language, and growing a pretrained vocabulary without losing its English.
+
+``train_tokenizer`` learns a WordPiece (BERT-compatible), BPE or Unigram vocabulary from captions with
+Hugging Face ``tokenizers``: Unicode NFC or NFKC, no accent stripping ("Một người" stays "Một người"),
+CJK characters split one per token, optional lowercasing. The result is a ``transformers`` fast
+tokenizer folder (``tokenizer.json``): ``bert_small(tokenizer=DIR)`` builds a student on it, it is saved
+with the student and every export format carries it.
+
+``grow_vocab`` extends a pretrained WordPiece model (MiniLM's English uncased vocabulary) with the
+new pieces of a trained tokenizer that its vocabulary spells only through stripped accents or [UNK]
+(pieces with non-ASCII characters), initialising each new embedding as the mean of the embeddings of
+the old pieces the pretrained tokenizer split it into. English text tokenizes exactly as before, so
+the pretrained start keeps what it knows (multilingual knowledge distillation: Reimers & Gurevych, 2020).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ._imports import require
+from .errors import RecipeError
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MODELS = ("wordpiece", "bpe", "unigram")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 16000, model: str = "wordpiece",
+                    normalization: str = "nfc", lowercase: bool = False, min_frequency: int = 2):
+    """A fast tokenizer (``transformers.PreTrainedTokenizerFast``) trained on ``texts``."""
+    tk = require("tokenizers", "training a tokenizer")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if model not in MODELS:
+        raise RecipeError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+    if normalization not in ("nfc", "nfkc"):
+        raise RecipeError(f"--normalize: {normalization!r} is not nfc or nfkc")
+    if vocab_size < len(SPECIALS) + 2:
+        raise RecipeError(f"--vocab: {vocab_size} is too small")
+    unicode = normalizers.NFC() if normalization == "nfc" else normalizers.NFKC()
+    # BertNormalizer: control characters out, spaces around CJK characters (one token each), accents kept
+    norm = normalizers.Sequence([unicode, normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase)])
+    if model == "wordpiece":
+        tok = tk.Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                            min_frequency=min_frequency)
+        tok.decoder = decoders.WordPiece()
+    elif model == "bpe":
+        tok = tk.Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=min_frequency,
+                                      continuing_subword_prefix="##")
+        tok.decoder = decoders.WordPiece()
+    else:
+        tok = tk.Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), unk_token="[UNK]")
+        tok.decoder = decoders.Metaspace()
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer() if model != "unigram" else pre_tokenizers.Sequence(
+        [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Metaspace()])
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        from .errors import DataError
+
+        raise DataError("no captions to train a tokenizer on")
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return _fast(tok)
+
+
+def _fast(tok):
+    transformers = require("transformers", "tokenizers")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """A tokenizer folder (``distill tokenizer train`` or any transformers tokenizer)."""
+    from .errors import MissingFileError
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists() and not (folder / "vocab.txt").exists():
+        raise MissingFileError(f"{folder}: no tokenizer.json or vocab.txt; train one with `distill tokenizer train`")
+    transformers = require("transformers", "tokenizers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def new_pieces(base, trained, lowercase: bool = False) -> list[str]:
+    """Pieces of ``trained`` that ``base`` lacks and can only spell through stripped accents or [UNK]
+    (they hold a non-ASCII character): adding just these leaves ASCII text tokenized as before.
+    ``lowercase``: the base is uncased, so the pieces are lowercased (and merged) first."""
+    import unicodedata
+
+    have = set(base.get_vocab())
+    out: dict[str, None] = {}
+    for piece in sorted(trained.get_vocab(), key=trained.get_vocab().get):
+        if piece in SPECIALS or piece.startswith("▁"):
+            continue
+        piece = unicodedata.normalize("NFC", piece.lower() if lowercase else piece)
+        if piece not in have and any(ord(ch) > 127 for ch in piece):
+            out[piece] = None
+    return list(out)
+
+
+def grow_vocab(encoder: Any, base, trained, lowercase: bool | None = None) -> tuple[Any, list[str]]:
+    """Extend a pretrained WordPiece model with ``trained``'s non-ASCII pieces. Returns the new tokenizer
+    (the base vocabulary followed by the new pieces; accents kept) and the pieces added. The encoder's
+    input embeddings grow in place; each new row is the mean of the old pieces ``base`` splits it into."""
+    import torch
+
+    transformers = require("transformers", "tokenizers")
+    vocab = base.get_vocab()
+    if "[UNK]" not in vocab or not any(p.startswith("##") for p in vocab):
+        raise RecipeError("student.kwargs.extend_vocab: the pretrained tokenizer is not a WordPiece one; train a "
+                          "tokenizer for the student instead (student.kwargs.tokenizer)")
+    lowercase = bool(getattr(base, "do_lower_case", True)) if lowercase is None else lowercase
+    added = new_pieces(base, trained, lowercase)
+    ordered = [p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + added
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.txt").write_text("".join(p + "\n" for p in ordered), encoding="utf-8")
+        grown = transformers.BertTokenizerFast(str(Path(tmp) / "vocab.txt"), do_lower_case=lowercase,
+                                               strip_accents=False, tokenize_chinese_chars=True)
+    emb = encoder.get_input_embeddings().weight
+    old = emb.detach().clone()
+    encoder.resize_token_embeddings(len(ordered), mean_resizing=False)  # the new rows are set below
+    weight = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for k, piece in enumerate(added):
+            ids = [i for i in base(piece.removeprefix("##"), add_special_tokens=False)["input_ids"]
+                   if i != base.unk_token_id] or [base.unk_token_id]
+            weight[len(vocab) + k] = old[ids].mean(0)
+    return grown, added
+
+
+def texts_of(sources: Sequence[str], columns: Sequence[str] = ()) -> list[str]:
+    """Every caption of the data sources (or the named columns of a table, e.g. a parallel CSV)."""
+    from .data import load_rows, read_text_file
+
+    out: list[str] = []
+    for src in sources:
+        if columns:
+            import csv
+            import io
+
+            reader = csv.DictReader(io.StringIO(read_text_file(src)))
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                from .errors import DataError
+
+                raise DataError(f"{src}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+            for r in reader:
+                out += [r[c] for c in columns if r.get(c)]
+        else:
+            out += [c for c in load_rows(src).captions if c]
+    return out
