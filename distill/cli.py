@@ -82,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--allow-stale", action="store_true", help="use a cache built with another teacher/preprocessing")
 
     t = sub.add_parser("tune", help="contrastively tune a two-tower model from a recipe",
-                       description="CLIP loss with a learnable temperature; tune.lock=text (LiT)|image|lora|none. The "
-                       "student section names the two-tower model (e.g. resnet18+hf:minilm, "
+                       description="CLIP loss with a learnable temperature; tune.lock=text (LiT)|image|both (heads "
+                       "only, on trunk features computed once)|lora|none; tune.unfreeze_last=N also trains the last N "
+                       "blocks of the locked trunks. The student section names the two-tower model (e.g. "
+                       "resnet18+hf:minilm, efficientnet_lite2+hf:minilm with image_kwargs {pretrained: true}, "
                        "openclip:ViT-B-32+bert_small) and tune.embed_dim its shared space; the result in "
                        "<output_dir>/model loads with load_teacher().")
     t.add_argument("recipe")
@@ -493,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"please report it at {REPORT_URL} with the command and the traceback above.", file=sys.stderr)
                 return 1
             raise
-        print(f"distill {args.command}: error: {message}", file=sys.stderr)
+        # one write, so lines from several processes sharing a terminal do not interleave
+        sys.stderr.write(f"distill {args.command}: error: {message}\n")
+        sys.stderr.flush()
         return 2
     finally:
         if "torch" in sys.modules:  # several processes: close the group so no process aborts on exit

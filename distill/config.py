@@ -109,10 +109,11 @@ class TrainCfg:
 
 @dataclass
 class TuneCfg:
-    lock: str = "none"  # contrastive tuning (distill tune): none | text (LiT) | image | lora
+    lock: str = "none"  # contrastive tuning (distill tune): none | text (LiT) | image | both (heads only) | lora
     init_temperature: float = 0.07  # learnable softmax temperature of the CLIP loss
     embed_dim: int = 512  # shared space of the two towers' projection heads (when built from the recipe)
     queue: int = 0  # past embeddings of the locked tower kept as extra negatives (lock=text|image)
+    unfreeze_last: int = 0  # the last N blocks of each locked trunk train too (lock=text|image|both)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -350,7 +351,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 CACHE_DTYPES = ("fp16", "fp32")
-LOCKS = ("none", "text", "image", "lora")
+LOCKS = ("none", "text", "image", "both", "lora")
 LORA_TOWERS = ("image", "text", "both")
 
 
@@ -426,6 +427,7 @@ RULES: dict[str, Any] = {
     "tune.init_temperature": _above(0),
     "tune.embed_dim": _at_least(1),
     "tune.queue": _at_least(0),
+    "tune.unfreeze_last": _at_least(0),
     "tune.lora_rank": _at_least(1),
     "tune.lora_alpha": _above(0),
     "tune.lora_dropout": lambda v: (0.0 <= v < 1.0, "must be in [0, 1)"),

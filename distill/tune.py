@@ -7,17 +7,30 @@ Lock modes (``tune.lock``):
 * ``image`` -- the image tower is frozen and the text tower trains into its space.
 * ``lora`` -- peft LoRA adapters on the Linear layers of the chosen towers; only adapters, the
   projection heads and the temperature train; adapters are merged into the weights on save.
+* ``both`` -- both trunks are frozen; only the two projection heads and the temperature train
+  (locked-image-and-text tuning). Each image's trunk features (eval view) and each distinct
+  caption's pooled features are computed once and kept in ``<output_dir>/features/``, so the
+  steps cost only the heads: seconds on a CPU once the features exist.
 * ``none`` -- both towers train.
+
+``tune.unfreeze_last: N`` (with ``text``, ``image`` or ``both``) also trains the last N blocks of each
+locked trunk (timm's fine-grained block groups; transformer layers of a text encoder). The locked
+towers stay in eval mode (batch-norm statistics and dropout as pretrained), and they are run every
+step instead of read from a table.
 
 The result is a folder (safetensors + config + tokenizer) that ``load_teacher`` loads.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import zlib
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,9 +38,10 @@ from torch import nn
 from . import dist
 from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
-from .data import PairDataset, SkipLog, as_rows, make_collate, split_usable
+from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
+from .io import load_tensors, save_tensors
 from .loop import (FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity,
                    seed_everything)
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
@@ -47,21 +61,33 @@ class _Temperature(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init)))
 
 
+LOCKED = {"text": ("text",), "image": ("image",), "both": ("image", "text")}  # towers each lock mode freezes
+
+
+@dataclass
+class FrozenTable:
+    """Outputs of a locked tower computed once: ``rows`` maps a key (a caption, or a dataset row for
+    images) to a row of ``values``; ``head``: the values are trunk features, the tower's head still applies."""
+
+    rows: dict[Any, int]
+    values: torch.Tensor
+    head: bool
+
+
 class TuneStep(nn.Module):
     """Two-tower model + temperature; forward is the CLIP loss (one module for DDP).
 
-    ``text_table``: (caption -> row, [rows, D] embeddings) of a locked text tower, computed once."""
+    ``tables``: per side ("image", "text"), a FrozenTable that replaces running that tower."""
 
     def __init__(self, model, temperature: _Temperature, lock: str, queue: int = 0,
-                 text_table: tuple[dict[str, int], torch.Tensor] | None = None):
+                 tables: dict[str, FrozenTable] | None = None):
         super().__init__()
         self.model = model
         self.loss = temperature
         self.lock = lock
         self.queue = EmbeddingQueue(queue) if queue > 0 else None
-        self._text_rows = text_table[0] if text_table else None
-        # a plain attribute, not a buffer: DDP would broadcast a buffer from the main process every step
-        self._text_table = [text_table[1]] if text_table else None
+        # a plain attribute, not buffers: DDP would broadcast a buffer from the main process every step
+        self._tables = dict(tables or {})
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return self.queue.state("queue.") if self.queue is not None else {}
@@ -70,28 +96,80 @@ class TuneStep(nn.Module):
         if self.queue is not None:
             self.queue.load(state, "queue.")
 
+    def _side(self, side: str, keys: Sequence[Any], run, dev: torch.device) -> torch.Tensor:
+        table = self._tables.get(side)
+        tower = getattr(self.model, side)
+        if table is None:
+            with torch.set_grad_enabled(any(p.requires_grad for p in tower.parameters())):
+                return run()
+        if table.values.device != dev:
+            table.values = table.values.to(dev)
+        rows = table.values[torch.tensor([table.rows[k] for k in keys], device=dev)]
+        return tower.proj(rows) if table.head else rows
+
     def forward(self, batch):
         model, lock = self.model, self.lock
-        frozen = {"text": model.text, "image": model.image}.get(lock)
-        if frozen is not None:
-            frozen.eval()  # no dropout / statistics updates in the locked tower
+        for name in LOCKED.get(lock, ()):
+            getattr(model, name).eval()  # no dropout / statistics updates in a locked tower
         dev = self.loss.logit_scale.device
-        pix = normalize(batch["views"]["model"].to(dev, non_blocking=True), model.preprocess)
-        with torch.set_grad_enabled(lock != "image"):
-            img = model.image_features(pix)
-        if self._text_table is not None:
-            if self._text_table[0].device != dev:
-                self._text_table[0] = self._text_table[0].to(dev)
-            txt = self._text_table[0][torch.tensor([self._text_rows[c] for c in batch["captions"]], device=dev)]
-        else:
-            with torch.set_grad_enabled(lock != "text"):
-                txt = model.text_features(batch["tokens"]["model"])
+
+        def image():
+            return model.image_features(normalize(batch["views"]["model"].to(dev, non_blocking=True),
+                                                  model.preprocess))
+
+        img = self._side("image", batch["index"].tolist(), image, dev)
+        txt = self._side("text", batch["captions"], lambda: model.text_features(batch["tokens"]["model"]), dev)
         ids = caption_ids(batch["captions"]).to(dev)
         side = {"text": "text", "image": "image"}.get(lock)
         loss = clip_loss(img, txt, self.loss.logit_scale, ids, self.queue.get(side) if self.queue else None)
         if self.queue is not None:  # every process pushes every process's rows: one queue
             self.queue.push(gather_rows(txt if side == "text" else img)[0], gather_rows(ids)[0])
         return loss, {"clip": float(loss.detach()), "temperature": float(1 / self.loss.logit_scale.detach().exp())}
+
+
+@contextmanager
+def without_head(tower: nn.Module) -> Iterator[nn.Module]:
+    """``tower`` with its projection head replaced by the identity: its forward gives trunk features."""
+    head, tower.proj = tower.proj, nn.Identity()
+    try:
+        yield tower
+    finally:
+        tower.proj = head
+
+
+def unfreeze_last(tower: nn.Module, n: int) -> list[str]:
+    """Let the last ``n`` blocks of a tower's trunk train (timm's fine-grained parameter groups for image
+    trunks, whose last group also holds the final norm / head conv; the last transformer layers of a text
+    encoder). Returns the names of the parameters made trainable."""
+    trunk = getattr(tower, "trunk", None) or getattr(tower, "encoder")
+    groups = _blocks(trunk)
+    if not groups:
+        raise RecipeError(f"tune.unfreeze_last: {tower.spec.get('arch', '?')} does not name its blocks; "
+                          "use tune.unfreeze_last=0 (or tune.lock=lora)")
+    if n > len(groups):
+        raise RecipeError(f"tune.unfreeze_last: {n}, but {tower.spec.get('arch', '?')} has {len(groups)} blocks")
+    params = dict(trunk.named_parameters())
+    names = [name for group in groups[-n:] for name in group]
+    for name in names:
+        params[name].requires_grad_(True)
+    return names
+
+
+def _blocks(trunk: nn.Module) -> list[list[str]]:
+    """Parameter names of a trunk's blocks, in order."""
+    if hasattr(trunk, "group_matcher"):  # timm
+        from timm.models import group_parameters
+
+        groups = list(group_parameters(trunk, trunk.group_matcher(coarse=False)).values())
+        return groups[1:]  # group 0 is the stem
+    for path in ("encoder.layer", "layers", "transformer.resblocks", "encoder.layers"):  # HF BERT-like, open_clip
+        mod = trunk
+        for attr in path.split("."):
+            mod = getattr(mod, attr, None)
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod):
+            prefix = path + "."
+            return [[prefix + f"{i}.{n}" for n, _ in block.named_parameters()] for i, block in enumerate(mod)]
+    return []
 
 
 def _linear_names(module: nn.Module) -> list[str]:
@@ -134,6 +212,34 @@ def merge_lora(model) -> None:
             setattr(tower, attr, inner.merge_and_unload())
 
 
+def _features_key(model, data_id: str) -> str:
+    """What frozen features depend on: the towers' config (preprocessing included), their weights, the data."""
+    from safetensors.torch import save
+
+    h = hashlib.sha256(json.dumps({"model": model.config(), "data": data_id}, sort_keys=True).encode())
+    for tower in (model.image, model.text):
+        trunk = getattr(tower, "trunk", None) or tower.encoder
+        h.update(save({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}))
+    return h.hexdigest()
+
+
+class _TableRows(torch.utils.data.Dataset):
+    """Rows by index and caption only (the towers' outputs come from tables); rows whose image could
+    not be read come back as skipped."""
+
+    def __init__(self, rows: Rows, bad: dict[int, str]):
+        self.rows, self.bad = rows, bad
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        i = int(key) % len(self.rows)
+        if i in self.bad:
+            return {"index": i, "skip": self.bad[i]}
+        return {"index": i, "caption": self.rows.captions[i]}
+
+
 class Tuner:
     """Train a two-tower Student contrastively on image-caption pairs.
 
@@ -154,6 +260,9 @@ class Tuner:
             raise RecipeError(f"tune.lock: {t.lock!r} is not one of {LOCKS}")
         if t.queue and t.lock not in ("text", "image"):
             raise RecipeError("tune.queue: a queue of negatives needs a locked tower (tune.lock=text or image)")
+        if t.unfreeze_last and t.lock not in LOCKED:
+            raise RecipeError(f"tune.unfreeze_last: {t.unfreeze_last} needs locked towers (tune.lock=text, image or "
+                              f"both), not tune.lock={t.lock}")
         if model is None:
             from .students import create_student
 
@@ -167,21 +276,85 @@ class Tuner:
         if model.image is None or model.text is None:
             raise RecipeError("student.name: tuning needs a two-tower model (an image and a text tower), e.g. "
                               "resnet18+hf:minilm")
+        headless = [n for n in ("image", "text") if not isinstance(getattr(getattr(model, n), "proj", None), nn.Linear)]
+        if t.lock == "both" and headless:
+            raise RecipeError(f"tune.lock: both trains only the projection heads, and the {headless[0]} tower has none "
+                              "(an open_clip text tower keeps its own); use tune.lock=text or image")
         self.model = model
 
-    def _text_table(self, captions: Sequence[str]) -> tuple[dict[str, int], torch.Tensor]:
-        """Embed every distinct caption once with the locked text tower."""
+    def _device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() and not self.recipe.train.cpu else "cpu")
+
+    def _text_table(self, captions: Sequence[str], through_head: bool = True) -> FrozenTable:
+        """Embed every distinct caption once with the locked text tower (``through_head=False``: its pooled
+        trunk features, to which the trained head applies)."""
         from tqdm.auto import tqdm
 
         unique = list(dict.fromkeys(c for c in captions if c))
         text = self.model.text
-        text.to("cuda" if torch.cuda.is_available() and not self.recipe.train.cpu else "cpu").eval()
-        with torch.no_grad():
-            emb = [self.model.encode_text(unique[i:i + 256]).float().cpu()
+        text.to(self._device()).eval()
+        with torch.no_grad(), (nullcontext() if through_head else without_head(text)):
+            emb = [self.model.text_features(unique[i:i + 256]).float().cpu()
                    for i in tqdm(range(0, len(unique), 256), desc="locked text tower", unit="batch",
                                  disable=not self.recipe.train.progress)]
         text.cpu()
-        return {c: i for i, c in enumerate(unique)}, torch.cat(emb)
+        emb = torch.cat(emb)
+        if through_head:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        return FrozenTable({c: i for i, c in enumerate(unique)}, emb, head=not through_head)
+
+    def _image_table(self, rows: Rows) -> tuple[FrozenTable, dict[int, str]]:
+        """Trunk features of each distinct image (eval view) once; returns the table (dataset row -> row of
+        features) and the rows whose image could not be read."""
+        from tqdm.auto import tqdm
+
+        r, image = self.recipe, self.model.image
+        unique = list(dict.fromkeys(rows.images))
+        data = PairDataset(Rows(unique, [None] * len(unique), source=rows.source), {"model": image.preprocess},
+                           augment=False, reader=image_reader(r.data))
+        loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=r.data.num_workers,
+                                             collate_fn=make_collate({}))
+        dev = self._device()
+        image.to(dev).eval()
+        if r.train.channels_last:
+            image.to(memory_format=torch.channels_last)  # CNN trunks: faster convolutions, the same features
+        feats = torch.zeros(len(unique), image.proj.in_features)
+        bad: dict[str, str] = {}
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="locked image tower", unit="batch", disable=not r.train.progress):
+                bad.update({unique[i]: why for i, why in batch["skipped"]})
+                if "index" in batch:
+                    pix = normalize(batch["views"]["model"].to(dev), image.preprocess)
+                    feats[batch["index"]] = image.trunk(pix).float().cpu()
+        image.cpu()
+        where = {p: i for i, p in enumerate(unique)}
+        table = FrozenTable({i: where[p] for i, p in enumerate(rows.images) if p not in bad}, feats, head=True)
+        return table, {i: bad[p] for i, p in enumerate(rows.images) if p in bad}
+
+    def _frozen_tables(self, rows: Rows, data_id: str) -> tuple[dict[str, FrozenTable], dict[int, str]]:
+        """Both locked towers' tables, read from ``<output_dir>/features/`` when they were computed for this
+        model and data (the key hashes the towers' weights, config and the data fingerprint)."""
+        key = _features_key(self.model, data_id)
+        path = Path(self.recipe.train.output_dir) / "features" / "frozen.safetensors"
+        captions = list(dict.fromkeys(c for c in rows.captions if c))
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") == key:
+                t = load_tensors(path)
+                rows_of = {i: int(j) for i, j in enumerate(t["image_rows"].tolist()) if j >= 0}
+                bad = {int(i): why for i, why in json.loads(meta.get("bad", "{}")).items()}
+                return {"image": FrozenTable(rows_of, t["image"], True),
+                        "text": FrozenTable({c: i for i, c in enumerate(captions)}, t["text"], True)}, bad
+        image, bad = self._image_table(rows)
+        text = self._text_table(captions, through_head=False)
+        if dist.is_main():
+            image_rows = torch.tensor([image.rows.get(i, -1) for i in range(len(rows))])
+            save_tensors(path, {"image": image.values, "text": text.values, "image_rows": image_rows},
+                         metadata={"key": key, "bad": json.dumps(bad)})
+        return {"image": image, "text": text}, bad
 
     def fit(self, data: Any = None) -> FitResult:
         r, model, t = self.recipe, self.model, self.recipe.tune
@@ -194,16 +367,21 @@ class Tuner:
         keep, why = split_usable(rows, need_image=True, need_caption=True)
         skipped = [(rows, i, reason) for i, reason in why.items()]
         rows = rows.subset(keep)
-        frozen = {"text": model.text, "image": model.image}.get(t.lock)
-        if frozen is not None:
-            frozen.requires_grad_(False)
+        for name in LOCKED.get(t.lock, ()):
+            tower = getattr(model, name)
+            tower.requires_grad_(False)
+            if t.lock == "both":
+                tower.proj.requires_grad_(True)  # the heads are what trains
+            if t.unfreeze_last:
+                unfreeze_last(tower, t.unfreeze_last)
         if t.lock == "lora":
             trainable = add_lora(model, t.lora_towers, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
             log.info("LoRA: %d trainable tensors", len(trainable))
         dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed,
                               image_reader(r.data), flip=r.data.flip)
         pin = torch.cuda.is_available() and not r.train.cpu
-        run = run_identity(r, model=model.config(), data=data_fingerprint(rows, progress=r.train.progress))
+        data_id = data_fingerprint(rows, progress=r.train.progress)
+        run = run_identity(r, model=model.config(), data=data_id)
         loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
                                                       r.data.num_workers, pin), run=run, rows=rows)
         loop.claim()  # before anything is written into the output folder
@@ -213,9 +391,14 @@ class Tuner:
             loop.skips.add(rs, i, reason)
         if not len(rows):
             raise DataError(f"no usable image-caption rows left to tune on ({loop.skips.summary()})")
-        table = self._text_table(rows.captions) if t.lock == "text" else None
-        collate = make_collate({} if table else {"model": model.tokenize})
-        loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, table)
+        tables: dict[str, FrozenTable] = {}
+        if t.lock == "both" and not t.unfreeze_last:  # only the heads train: read both towers from tables
+            tables, bad = self._frozen_tables(rows, data_id)
+            dataset = _TableRows(rows, bad)
+        elif t.lock == "text" and not t.unfreeze_last:
+            tables = {"text": self._text_table(rows.captions)}
+        collate = make_collate({} if "text" in tables else {"model": model.tokenize})
+        loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, tables)
         loop.make_loader = make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed,
                                                r.data.num_workers, pin)
         history, steps = loop.run()
@@ -225,4 +408,4 @@ class Tuner:
         if loop.is_main:
             model.cpu().eval().save(model_dir)
         return FitResult(model_dir.parent, history, model, model_dir, steps,
-                         {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count})
+                         {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count, "timing": loop.timing})

