@@ -43,8 +43,8 @@ import torch
 from distill import Distiller, Tuner, create_student, load_teacher
 from distill.cache import TeacherService
 from distill.data import Rows, load_rows, open_image
-from distill.eval import (caption_pairs, caption_retrieval, count_params, embed_texts, fidelity, images_per_second,
-                          macs, retrieval_recall, zero_shot_accuracy)
+from distill.eval import (caption_pairs, caption_retrieval, count_params, embed_images, embed_texts, fidelity,
+                          images_per_second, macs, retrieval_recall, zero_shot_accuracy)
 from distill.students import load_student
 
 ROOT = Path(__file__).resolve().parent.parent
