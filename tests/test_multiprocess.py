@@ -94,9 +94,10 @@ def test_two_processes_at_8_equal_one_process_at_16(setup, two_processes):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
     wa, wb = _weights(one), _weights(two_processes)
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    # 24 AdamW steps at lr 3e-3 from the same start: rounding-level gradient differences stay far below
-    # one step's size (lr = 3e-3), so 1e-4 separates "same run" from "another run" by more than 10x
-    assert worst < 1e-4, worst
+    # 24 AdamW steps at lr 3e-3 from the same start: rounding-level gradient differences stay below one step's
+    # size (AdamW moves a weight by up to lr = 3e-3 per step), so 3e-4 separates "same run" from "another run"
+    # by 10x (measured here: 7e-5; AdamW's normalisation amplifies rounding in near-zero gradients)
+    assert worst < 3e-4, worst
     print(f"\n2x8 vs 1x16: max |loss difference| {np.abs(np.subtract(a, b)).max():.2e}, max |weight difference| {worst:.2e}")
 
 
