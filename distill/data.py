@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, DataNotFoundError
+from .errors import DataError, DataNotFoundError, first_line
 from .transforms import PreprocessCfg, View, crop_uint8, eval_view, random_view, to_rgb
 
 log = logging.getLogger(__name__)
@@ -467,8 +467,7 @@ def _load_tars(tars: list[str], where: str) -> Rows:
                             samples.setdefault(key, {}).setdefault("captions", [])
                             samples[key]["captions"] += raw if isinstance(raw, list) else [raw]
         except (tarfile.TarError, EOFError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{tar_path}: not a readable tar file ({first})") from None
+            raise DataError(f"{tar_path}: not a readable tar file ({first_line(e)})") from None
         for key in sorted(samples):
             s = samples[key]
             for c in s.get("captions") or [None]:

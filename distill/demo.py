@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import cache_root
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230),
           "yellow": (235, 210, 40), "purple": (150, 60, 200), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -27,10 +29,6 @@ TEMPLATES = ("a {size} {color} {shape} on the {pos}", "a {color} {shape}", "{col
 PROMPTS = ("a {}", "a picture of a {}")
 DATA_VERSION = "shapes_v1"
 TEACHER_VERSION = "teacher_v1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CLIP_DISTILL_CACHE", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "clip-distill")).expanduser()
 
 
 def _draw(rng: np.random.Generator, size: int, color: str, shape: str, big: bool, pos: str):

@@ -81,3 +81,10 @@ class MissingDependencyError(DistillError, ImportError):
 __all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "MissingFileError", "FileFormatError",
            "ModelError", "CacheError", "CacheMismatchError", "CacheMissError",
            "RunConflictError", "ExportError", "ExportGateError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError"]
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (its type's name when it has none), at most ``limit`` characters:
+    what a one-line message quotes of an error raised by another library."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -1,6 +1,7 @@
 """Small file helpers: atomic writes (temp file + rename) and JSON."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -93,3 +94,18 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict:
     except Exception as e:  # truncated, header damaged, not safetensors
         raise FileFormatError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {str(e)[:100]}); "
                               "the file is damaged: save or export it again") from None
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """The one clip-distill cache folder: $CLIP_DISTILL_CACHE, else $XDG_CACHE_HOME/clip-distill (~/.cache)."""
+    return Path(os.environ.get("CLIP_DISTILL_CACHE",
+                               Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "clip-distill")).expanduser()

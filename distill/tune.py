@@ -214,13 +214,11 @@ def merge_lora(model) -> None:
 
 def _features_key(model, data_id: str) -> str:
     """What frozen features depend on: the towers' config (preprocessing included), their weights, the data."""
-    from safetensors.torch import save
+    from .teachers.base import state_hash
 
-    h = hashlib.sha256(json.dumps({"model": model.config(), "data": data_id}, sort_keys=True).encode())
-    for tower in (model.image, model.text):
-        trunk = getattr(tower, "trunk", None) or tower.encoder
-        h.update(save({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}))
-    return h.hexdigest()
+    weights = [state_hash(getattr(tower, "trunk", None) or tower.encoder) for tower in (model.image, model.text)]
+    key = {"model": model.config(), "data": data_id, "weights": weights}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 class _TableRows(torch.utils.data.Dataset):

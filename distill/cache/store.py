@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CacheError, CacheMismatchError
-from ..io import read_json
+from ..io import file_digest, read_json
 from ..transforms import View
 from .keys import KeyIndex
 
@@ -79,14 +79,6 @@ def load_array(path: Path, mmap: bool = True) -> np.ndarray:
         raise CacheError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:100]}); the shard is damaged: "
                          "run `distill cache verify` on the cache, delete the damaged shard (its .npy and .json "
                          "files) and run `distill cache build` again to re-encode it") from None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_files(base: Path, kind: str) -> dict[str, Path]:
@@ -260,7 +252,7 @@ class EmbeddingCache:
                 base = self.path / kind / shard["name"]
                 for part, f in shard_files(base, kind).items():
                     want = (shard.get("sha256") or {}).get(part)
-                    if want and file_sha256(f) != want:
+                    if want and file_digest(f) != want:
                         problems.append(f"{f}: checksum differs from the manifest (the file changed after the build)")
             for shard, a in zip(self.manifest["shards"].get(kind, []), self._images if kind == "images" else self._texts):
                 x = np.asarray(a, dtype=np.float32)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DistillError, FileFormatError, MissingFileError, ModelError, RecipeError
+from ..errors import DistillError, FileFormatError, MissingFileError, ModelError, RecipeError, first_line
 from ..io import load_tensors, read_format_json, save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
@@ -293,7 +293,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             if isinstance(e, DistillError):
                 raise
             raise FileFormatError(f"{path / 'text'}: the text tower's config or tokenizer cannot be read "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); save the model again") from None
+                                  f"({type(e).__name__}: {first_line(e, 150)}); save the model again") from None
     student = Student(image, text, embed_dim)
     state = load_tensors(path / "model.safetensors")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -301,6 +301,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         student.load_state_dict(state, strict=True)
     except RuntimeError as e:  # the weights are of another model than config.json describes
         raise FileFormatError(f"{path / 'model.safetensors'}: does not match {path / 'config.json'} "
-                              f"({str(e).splitlines()[0][:200]}); save the model again") from None
+                              f"({first_line(e, 200)}); save the model again") from None
     student.teacher_identity = cfg.get("teacher")
     return student.to(device).eval()

@@ -11,7 +11,6 @@ with ``pretrained=True``, so no model hub is needed for them.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import FileFormatError, MissingDependencyError, MissingFileError
+from ..errors import FileFormatError, MissingDependencyError, MissingFileError, first_line
+from ..io import cache_root, file_digest
 
 WEIGHTS_FORMAT = "clip-distill-weights/1"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -65,17 +65,14 @@ def register_layout(layout: Layout) -> Layout:
 
 
 def cache_dir() -> Path:
-    from ..demo import cache_root  # the one clip-distill cache folder (CLIP_DISTILL_CACHE, XDG_CACHE_HOME)
-
     return cache_root() / "weights"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such weights file" if not path.exists() else f"{path}: not a file")
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -83,16 +80,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     holds other Python objects is refused, never unpickled). Wrappers (``{"state_dict": ...}``) are opened."""
     from ..io import load_tensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such weights file" if not path.exists() else f"{path}: not a file")
+    path = _weights_file(path)
     if path.suffix == ".safetensors":
         return load_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001: unpickling errors have many types
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise FileFormatError(f"{path}: not a weights file torch can read safely (weights_only=True: {first}); "
+        raise FileFormatError(f"{path}: not a weights file torch can read safely (weights_only=True: "
+                              f"{first_line(e, 160)}); "
                               "save a plain state dict, or a safetensors file") from None
     state = _unwrap(obj)
     if state is None:
@@ -158,10 +153,8 @@ def _head_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
 def load_weights(model: nn.Module, source: str | Path, timm_name: str) -> str:
     """Load ``source`` (a weights file) into ``model``; every model key must be in the file with its shape.
     A classifier the model does not have (a trunk) is left out. Returns what was loaded, for the record."""
-    path = Path(source)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such weights file" if not path.exists() else f"{path}: not a file")
-    digest = file_sha256(path)
+    path = _weights_file(source)
+    digest = file_digest(path)
     state = read_state_dict(converted_file(path, digest, model, timm_name))
     state, _ = to_timm_keys(state, model)
     want = model.state_dict()

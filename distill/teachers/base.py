@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import file_digest
 from ..transforms import PreprocessCfg, eval_transform
 
 
@@ -107,11 +108,7 @@ class Teacher(nn.Module):
 
 
 def file_hash(path: str | Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return f"{algo}:{h.hexdigest()[:16]}"
+    return f"{algo}:{file_digest(path, algo)[:16]}"
 
 
 def state_hash(module: nn.Module) -> str:
