@@ -84,12 +84,18 @@ def _student(name: str, embed_dim: int, cfg):
 
 
 def ceiling(name: str, embed_dim: int, cfg, steps: int) -> float:
-    """The student's own training step on in-memory tensors (same batch, size, loss, optimiser)."""
+    """The student's own training step on in-memory tensors: the same batch, size, losses and optimiser as
+    ``fit`` (AdamW with its weight-decay groups, gradient clipping at the recipe's norm)."""
+    from distill.config import OptimCfg
+    from distill.loop import make_optimizer
     from distill.losses import DistillLoss, Embeddings
 
     student = _student(name, embed_dim, cfg).train()
     loss_fn = DistillLoss({"cosine": 1.0, "contrastive": 1.0})
-    opt = torch.optim.AdamW([*student.parameters(), *loss_fn.parameters()], lr=1e-4)
+    both = torch.nn.ModuleDict({"student": student, "loss": loss_fn})
+    optim = OptimCfg()
+    opt = make_optimizer(both, optim, torch.device("cpu"))
+    params = [p for p in both.parameters() if p.requires_grad]
     b = cfg["batch"]
     t_img = torch.nn.functional.normalize(torch.randn(b, embed_dim), dim=-1)
     t_txt = torch.nn.functional.normalize(torch.randn(b, embed_dim), dim=-1)
@@ -106,6 +112,7 @@ def ceiling(name: str, embed_dim: int, cfg, steps: int) -> float:
             e = Embeddings(s_img=student.image_features(pixels), t_img=t_img, t_txt=t_txt)
         loss, _ = loss_fn(e)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         float(loss)
@@ -139,6 +146,10 @@ def fit(name: str, teacher, cfg, work: Path, data: Path, mode: str, workers: int
             "checkpoint_s": t["checkpoint_s"], "share": {k[:-2]: t[k] / train for k in ("data_s", "step_s", "log_s", "hooks_s")}}
 
 
+def median(values: list[float]) -> float:
+    return float(torch.tensor(values).median()) if len(values) % 2 else float(torch.tensor(values).quantile(0.5))
+
+
 def teacher_ceiling(teacher, size: int, batch: int, steps: int) -> float:
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
@@ -165,6 +176,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="data.num_workers for every run (default: the recipe default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="", help="suffix of the JSON name (e.g. _before)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="ceiling and cached+packed fit alternate this many times; medians are reported (a shared "
+                         "machine's speed drifts by more than the gaps measured)")
     args = ap.parse_args()
     cfg = _settings(args.quick)
     from distill.config import Recipe
@@ -176,13 +190,26 @@ def main() -> None:
     teacher = _teacher(cfg)
     pack_images(str(data), work / "pack", size=max(cfg["teacher_size"], *cfg["sizes"].values()), progress=False)
     # cache build: the teacher's forward alone vs the real builds (the packed build's cache trains below)
-    build_ceiling = teacher_ceiling(teacher, cfg["teacher_size"], cfg["batch"], 4)
-    packed_build = build(teacher, data, work / "cache", workers, cfg["batch"], PackedImages(work / "pack"))
+    rounds = max(1, args.rounds)
+    ceilings, packs = [], []
+    for i in range(rounds):  # alternated: each ratio compares neighbours in time
+        ceilings.append(teacher_ceiling(teacher, cfg["teacher_size"], cfg["batch"], 4))
+        packs.append(build(teacher, data, work / ("cache" if i == 0 else f"cache_{i}"), workers, cfg["batch"],
+                           PackedImages(work / "pack")))
+    build_ceiling, packed_build = median(ceilings), median(packs)
     jpeg_build = build(teacher, data, work / "cache_jpeg", workers, cfg["batch"])
+    build_rounds = {"ceiling_per_s": ceilings, "packed_per_s": packs}
     students = {}
     for name in args.students.split(","):
-        row = {"ceiling_per_s": ceiling(name, teacher.embed_dim, cfg, cfg["steps"]), "where": {}, "checkpoint_s": {}}
-        modes = ("cached_packed", "cached_jpeg", "online") if name in IMAGE_STUDENTS else ("cached_packed", "online")
+        row = {"where": {}, "checkpoint_s": {}, "rounds": {"ceiling_per_s": [], "cached_packed_per_s": []}}
+        for _ in range(rounds):
+            row["rounds"]["ceiling_per_s"].append(ceiling(name, teacher.embed_dim, cfg, cfg["steps"]))
+            r = fit(name, teacher, cfg, work, data, "cached_packed", workers)
+            row["rounds"]["cached_packed_per_s"].append(r["per_s"])
+        row["ceiling_per_s"] = median(row["rounds"]["ceiling_per_s"])
+        row["cached_packed_per_s"] = median(row["rounds"]["cached_packed_per_s"])
+        row["where"]["cached_packed"], row["checkpoint_s"]["cached_packed"] = r["share"], r["checkpoint_s"]
+        modes = ("cached_jpeg", "online") if name in IMAGE_STUDENTS else ("online",)
         for mode in modes:
             r = fit(name, teacher, cfg, work, data, mode, workers)
             row[f"{mode}_per_s"] = r["per_s"]
@@ -192,7 +219,7 @@ def main() -> None:
             row["cached_jpeg_per_s"] = None  # a text student reads no images: "cached_packed" is its cached run
         students[name] = row
     print(f"\n{'quick: ' if args.quick else ''}batch {cfg['batch']}, data.num_workers {workers}, "
-          f"{torch.get_num_threads()} compute threads")
+          f"{torch.get_num_threads()} compute threads; ceiling and cached_packed: medians of {rounds} alternated rounds")
     print(f"{'student':12} {'run':14} {'samples/s':>10} {'of ceiling':>10} {'data wait':>9} {'step':>6} {'logging':>8} "
           f"{'ckpt (s)':>8}")
     for name, row in students.items():
@@ -201,13 +228,17 @@ def main() -> None:
             v = row[f"{mode}_per_s"]
             print(f"{'':12} {mode:14} {v:10.1f} {v / row['ceiling_per_s']:10.2f} {share['data']:9.1%} "
                   f"{share['step']:6.1%} {share['log']:8.1%} {row['checkpoint_s'][mode]:8.2f}")
+        per_round = [f / c for f, c in zip(row["rounds"]["cached_packed_per_s"], row["rounds"]["ceiling_per_s"])]
+        row["cached_packed_ratio_rounds"] = per_round
+        print(f"{'':12} {'(rounds)':14} cached_packed / ceiling per round: {', '.join(f'{x:.2f}' for x in per_round)}")
     print(f"cache build (views/s): teacher forward {build_ceiling:.1f}, from a pack {packed_build:.1f} "
           f"({packed_build / build_ceiling:.2f}), from JPEGs {jpeg_build:.1f} ({jpeg_build / build_ceiling:.2f})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     write_result(f"overhead{'_quick' if args.quick else ''}{args.tag}", device, args.out, ("timm", "open_clip"),
                  quick=args.quick, batch=cfg["batch"], num_workers=workers, compute_threads=torch.get_num_threads(),
                  sizes=cfg["sizes"], students=students,
-                 cache_build={"ceiling_per_s": build_ceiling, "packed_per_s": packed_build, "jpeg_per_s": jpeg_build})
+                 rounds=rounds, cache_build={"ceiling_per_s": build_ceiling, "packed_per_s": packed_build,
+                                             "jpeg_per_s": jpeg_build, "rounds": build_rounds})
 
 
 if __name__ == "__main__":

@@ -85,6 +85,22 @@ class OptimCfg:
 
 
 @dataclass
+class TokensCfg:
+    """What a stage feeds the student of one tower (``distill.tokens``); an empty mode = every token."""
+    mode: str = ""  # image: resize | random | grid | block; text: truncate | random | block | syntax
+    keep: float = 0.0  # image: fraction of the patch tokens (grid: 0.25); text: tokens kept besides special ones
+    size: int = 0  # image resize: the side in pixels (instead of keep)
+    tagger: str = "nltk"  # text syntax: nltk | textblob | spacy:<pipeline>
+
+
+@dataclass
+class StageCfg:
+    steps: int = 0  # optimiser steps of this stage; the last stage may leave it 0 to run to train.max_steps
+    image_tokens: TokensCfg = field(default_factory=TokensCfg)
+    text_tokens: TokensCfg = field(default_factory=TokensCfg)
+
+
+@dataclass
 class TrainCfg:
     output_dir: str = "runs/distill"
     batch_size: int = 64  # per device, per micro-step
@@ -105,6 +121,9 @@ class TrainCfg:
     channels_last: bool = False  # NHWC memory format for CNN students (faster convs with autocast)
     compile: bool = False  # torch.compile the student (first steps are slow while it compiles)
     dist_timeout: int = 1800  # seconds a process waits for the others (several processes) before the run stops
+    # stages with fewer tokens, e.g. [{steps: 4000, image_tokens: {mode: random, keep: 0.5}}, {steps: 500}]
+    # (CLIPA); one learning-rate schedule over all of them; max_steps becomes the sum of their steps
+    schedule: list[StageCfg] = field(default_factory=list)
 
 
 @dataclass
@@ -318,6 +337,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         item = args[0] if args else Any
         seq = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(seq) if origin is tuple else seq
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else merge(tp(), value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -443,6 +464,7 @@ def validate(recipe: Recipe) -> Recipe:
         ok, why = rule(value)
         if not ok:
             raise RecipeError(f"{path}: {value!r} {why}" if why.startswith("must") else f"{path}: {why}")
+    recipe = _check_schedule(recipe)
     extra = sorted(set(recipe.loss.kwargs) - set(recipe.loss.weights))
     if extra:
         raise RecipeError(f"loss.kwargs.{extra[0]}: options for a loss that has no weight in loss.weights")
@@ -450,6 +472,41 @@ def validate(recipe: Recipe) -> Recipe:
         if not isinstance(opts, dict):
             raise RecipeError(f"loss.kwargs.{name}: expected a mapping of options, got {opts!r}")
     return recipe
+
+
+def _check_schedule(recipe: Recipe) -> Recipe:
+    """Each stage's modes and amounts; ``train.max_steps`` becomes the sum of the stages' steps (a last
+    stage without steps runs to ``train.max_steps``)."""
+    from .tokens import IMAGE_MODES, TEXT_MODES
+
+    stages = recipe.train.schedule
+    for i, st in enumerate(stages):
+        at = f"train.schedule[{i}]"
+        if st.steps < 0 or (st.steps == 0 and i < len(stages) - 1):
+            raise RecipeError(f"{at}.steps: {st.steps} must be >= 1 (only the last stage may leave it out)")
+        img, txt = st.image_tokens, st.text_tokens
+        if img.mode and img.mode not in IMAGE_MODES:
+            raise RecipeError(f"{at}.image_tokens.mode: {img.mode!r} must be one of {', '.join(IMAGE_MODES)}")
+        if img.mode == "resize" and not (img.size >= 8 or 0 < img.keep <= 1):
+            raise RecipeError(f"{at}.image_tokens: resize needs size (pixels, >= 8) or keep (a fraction of the "
+                              "tokens in (0, 1])")
+        if img.mode in ("random", "block") and not 0 < img.keep <= 1:
+            raise RecipeError(f"{at}.image_tokens.keep: {img.keep!r} must be a fraction of the patches in (0, 1]")
+        if img.mode == "grid" and img.keep not in (0.0, 0.25):
+            raise RecipeError(f"{at}.image_tokens.keep: grid keeps one patch of every 2x2 window (0.25), not {img.keep}")
+        if txt.mode and txt.mode not in TEXT_MODES:
+            raise RecipeError(f"{at}.text_tokens.mode: {txt.mode!r} must be one of {', '.join(TEXT_MODES)}")
+        if txt.mode and not (txt.keep >= 1 and float(txt.keep).is_integer()):
+            raise RecipeError(f"{at}.text_tokens.keep: {txt.keep!r} must be a whole number of tokens >= 1")
+    if not stages:
+        return recipe
+    total = sum(st.steps for st in stages)
+    if stages[-1].steps == 0:
+        if total >= recipe.train.max_steps:
+            raise RecipeError(f"train.schedule: the stages before the last take {total} steps, train.max_steps is "
+                              f"{recipe.train.max_steps}: nothing is left for the last stage")
+        return recipe
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=total))
 
 
 def _plain(obj: Any) -> Any:

@@ -752,13 +752,15 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
-def make_collate(tokenizers: dict[str, Callable[[list[str]], Any]]) -> Callable:
+def make_collate(tokenizers: dict[str, Callable[[list[str]], Any]],
+                 priority: Callable[[list[str], Any], Any] | None = None) -> Callable:
     """Collate items into ``{"index", "captions", "views", "tokens": {key: tokenized}, "skipped"}``.
 
     ``skipped`` lists ``(row, reason)`` of the items left out (unreadable images; with tokenizers,
     rows without a caption); a batch whose every item was left out holds only ``skipped``. The
     ``"teacher"`` tokenizer reads each row's teacher text (its caption, or the source sentence of
-    parallel data); the others read the captions."""
+    parallel data); the others read the captions. ``priority(captions, student tokens)`` adds
+    ``token_priority`` (each student token's word class, for a syntax mask)."""
 
     def collate(items: list[dict]) -> dict[str, Any]:
         skipped = [(it["index"], it["skip"]) for it in items if "skip" in it]
@@ -775,6 +777,8 @@ def make_collate(tokenizers: dict[str, Callable[[list[str]], Any]]) -> Callable:
             batch["views"] = {k: torch.stack([it["views"][k] for it in good]) for k in good[0]["views"]}
         teacher_texts = [it.get("teacher_text") or it["caption"] for it in good]
         batch["tokens"] = {k: tok(teacher_texts if k == "teacher" else batch["captions"]) for k, tok in tokenizers.items()}
+        if priority is not None and "student" in batch["tokens"]:
+            batch["token_priority"] = priority(batch["captions"], batch["tokens"]["student"])
         return batch
 
     return collate

@@ -381,8 +381,11 @@ class TrainLoop:
         bar = _progress(t.max_steps, step, enabled=t.progress and acc.is_local_main_process)
         model.train()
         tic, seen, times, warned, first = time.perf_counter(), 0, self.times, False, step
+        stage_no = -1
         while step < t.max_steps:
             total, terms_sum = 0.0, {}
+            if t.schedule:
+                stage_no = self._enter_stage(step, stage_no, acc, bar)
             for _ in range(t.grad_accum):
                 with times("data"):
                     batch, n_batches = self._next_batch(loader)
@@ -408,10 +411,12 @@ class TrainLoop:
             step += 1
             with times("log"):
                 wait = times.data_fraction()
-                self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc, wait)
+                self._record(history, step, total, terms_sum, lr_at(step - 1, cfg), acc, wait, stage_no,
+                             time.perf_counter() - tic)
                 rate = seen / max(1e-9, time.perf_counter() - tic)
                 bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}", wait=f"{wait:.0%}")
+                bar.set_postfix(loss=f"{total:.4f}", per_s=f"{rate:.0f}", wait=f"{wait:.0%}",
+                                **({"stage": f"{stage_no + 1}/{len(t.schedule)}"} if t.schedule else {}))
                 if step - first == 2:
                     times.reset_window()  # the first batches wait for the loader's start, not for its speed
                     times.mark(step - first)
@@ -445,6 +450,22 @@ class TrainLoop:
         if self.skips is not None and self.skips.count:
             log.warning(self.skips.summary())
         return history, step
+
+    def _enter_stage(self, step: int, current: int, acc, bar) -> int:
+        """Give the step module the stage of ``step`` (its token reduction) and say when a stage begins."""
+        from .tokens import describe, stage_at, step_generator
+
+        t = self.cfg.train
+        index, stage = stage_at(t.schedule, step)
+        self.modules.stage = stage
+        self.modules.generator = step_generator(t.seed, step)
+        if index != current:
+            ends = sum(s.steps for s in t.schedule[:index + 1]) if index < len(t.schedule) - 1 else t.max_steps
+            msg = f"stage {index + 1}/{len(t.schedule)} (steps {step + 1}-{ends}): {describe(stage)}"
+            bar.set_description(f"train [stage {index + 1}]")
+            if acc.is_main_process:
+                bar.write(msg) if not bar.disable else log.info(msg)
+        return index
 
     @staticmethod
     def _forward(model, batch, step: int):
@@ -511,7 +532,8 @@ class TrainLoop:
                     "Try %s.", 100 * fraction, 100 * SLOW_DATA, " or ".join(hints))
         return True
 
-    def _record(self, history, step, loss, terms, lr, acc, data_wait: float = 0.0) -> None:
+    def _record(self, history, step, loss, terms, lr, acc, data_wait: float = 0.0, stage: int = -1,
+                elapsed: float = 0.0) -> None:
         history["loss"].append(loss)
         history.setdefault("lr", []).append(lr)
         for k, v in terms.items():
@@ -520,8 +542,9 @@ class TrainLoop:
             acc.log({"loss": loss, "lr": lr, **terms, "data_wait": data_wait}, step=step)
         if acc.is_main_process and (step % self.cfg.train.log_every == 0 or step == 1):
             with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms,
-                                    "data_wait": round(data_wait, 4)}) + "\n")
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, **terms, "data_wait": round(data_wait, 4),
+                                    **({"stage": stage + 1} if stage >= 0 else {}),
+                                    "elapsed_s": round(elapsed, 3)}) + "\n")
 
 
 def _has_tensorboard() -> bool:

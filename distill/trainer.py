@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, tokens
 from .config import DEFAULT_TEACHER, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
 from .errors import (CacheError, CacheMismatchError, DataError, DataNotFoundError, FileFormatError, MissingFileError,
@@ -330,7 +330,7 @@ class Distiller:
             tokenizers["student"] = student.tokenize
         dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed, image_reader(r.data),
                               flip=r.data.flip)
-        return dataset, make_collate(tokenizers)
+        return dataset, make_collate(tokenizers, self._syntax(student, "student" in tokenizers))
 
     def _cached_data(self, rows: Rows, image_keys, text_keys, student):
         from .cache import CachedPairDataset, cached_collate
@@ -340,7 +340,17 @@ class Distiller:
                                     student.preprocess if student.image is not None else None,
                                     r.data.augment, r.train.seed, image_reader(r.data))
         tokenizers = {"student": student.tokenize} if student.text is not None and rows.has_text else {}
-        return dataset, cached_collate(self._cache, make_collate(tokenizers))
+        return dataset, cached_collate(self._cache, make_collate(tokenizers, self._syntax(student, bool(tokenizers))))
+
+    def _syntax(self, student, has_text: bool):
+        """The part of speech of each student token, when a stage keeps tokens by syntax (computed in the
+        loader, beside the tokenizer); the tagger is loaded now, so a missing one fails before training."""
+        stages = [s.text_tokens for s in self.recipe.train.schedule if s.text_tokens.mode == "syntax"]
+        if not stages or not has_text:
+            return None
+        tagger = tokens.get_tagger(stages[0].tagger)
+        tokenizer = student.text.tokenizer
+        return lambda texts, toks: tokens.syntax_priority(tokenizer, texts, toks, tagger)
 
 
 class DistillStep(nn.Module):
@@ -353,6 +363,7 @@ class DistillStep(nn.Module):
         self.loss = loss
         self._teacher = [teacher]  # a list: not registered, never trained or checkpointed
         self.text_from_image = text_from_image  # a caption's target is its image's embedding
+        self.stage, self.generator = None, None  # the schedule's stage (fewer tokens), set by the loop each step
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.loss_device
@@ -372,10 +383,12 @@ class DistillStep(nn.Module):
                 e.t_txt = t.encode_text(batch["tokens"]["teacher"])
         if self.text_from_image:
             e.t_txt = e.t_img
-        if "student" in pix:
-            e.s_img = self.student.image_features(pix["student"])
+        st, gen = self.stage, self.generator
+        if "student" in pix:  # targets stay the teacher's full view: fewer tokens only for the student
+            e.s_img = tokens.image_features(self.student, pix["student"], st and st.image_tokens, gen)
         if "student" in batch["tokens"]:
-            e.s_txt = self.student.text_features(batch["tokens"]["student"])
+            e.s_txt = tokens.text_features(self.student, batch["tokens"]["student"], st and st.text_tokens, gen,
+                                           batch.get("token_priority"))
         return self.loss(e)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:

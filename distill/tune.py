@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, tokens
 from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
@@ -74,6 +74,16 @@ class FrozenTable:
     head: bool
 
 
+def _syntax(r, model):
+    """Each token's word class for a stage that keeps text tokens by syntax (see ``tokens``)."""
+    stages = [s.text_tokens for s in r.train.schedule if s.text_tokens.mode == "syntax"]
+    if not stages or model.text is None:
+        return None
+    tagger = tokens.get_tagger(stages[0].tagger)
+    tok = model.text.tokenizer
+    return lambda texts, toks: tokens.syntax_priority(tok, texts, toks, tagger)
+
+
 class TuneStep(nn.Module):
     """Two-tower model + temperature; forward is the CLIP loss (one module for DDP).
 
@@ -88,6 +98,7 @@ class TuneStep(nn.Module):
         self.queue = EmbeddingQueue(queue) if queue > 0 else None
         # a plain attribute, not buffers: DDP would broadcast a buffer from the main process every step
         self._tables = dict(tables or {})
+        self.stage, self.generator = None, None  # the schedule's stage (fewer tokens), set by the loop each step
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return self.queue.state("queue.") if self.queue is not None else {}
@@ -113,12 +124,18 @@ class TuneStep(nn.Module):
             getattr(model, name).eval()  # no dropout / statistics updates in a locked tower
         dev = self.loss.logit_scale.device
 
+        st, gen = self.stage, self.generator
+
         def image():
-            return model.image_features(normalize(batch["views"]["model"].to(dev, non_blocking=True),
-                                                  model.preprocess))
+            return tokens.image_features(model, normalize(batch["views"]["model"].to(dev, non_blocking=True),
+                                                          model.preprocess), st and st.image_tokens, gen)
+
+        def text():
+            return tokens.text_features(model, batch["tokens"]["model"], st and st.text_tokens, gen,
+                                        batch.get("token_priority"))
 
         img = self._side("image", batch["index"].tolist(), image, dev)
-        txt = self._side("text", batch["captions"], lambda: model.text_features(batch["tokens"]["model"]), dev)
+        txt = self._side("text", batch["captions"], text, dev)
         ids = caption_ids(batch["captions"]).to(dev)
         side = {"text": "text", "image": "image"}.get(lock)
         loss = clip_loss(img, txt, self.loss.logit_scale, ids, self.queue.get(side) if self.queue else None)
@@ -395,7 +412,8 @@ class Tuner:
             dataset = _TableRows(rows, bad)
         elif t.lock == "text" and not t.unfreeze_last:
             tables = {"text": self._text_table(rows.captions)}
-        collate = make_collate({} if "text" in tables else {"model": model.tokenize})
+        collate = make_collate({} if "text" in tables else {"model": model.tokenize},
+                               None if "text" in tables else _syntax(r, model))
         loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, tables)
         loop.make_loader = make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed,
                                                r.data.num_workers, pin)

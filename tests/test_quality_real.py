@@ -64,3 +64,27 @@ def test_smoke_mode_runs_and_writes_every_field(tmp_path):
             assert isinstance(row[key], (int, float)) and row[key] >= 0, key
     student = image["students"]["vit_tiny"]
     assert [p["step"] for p in student["curve"]] == [1, 2] and 0 < student["macs_ratio"]
+
+
+def test_token_reduction_smoke_mode_writes_the_runs(tmp_path):
+    """benchmarks/token_reduction.py (issue 18) end to end on the same stand-ins: every run, its stages'
+    rates from log.jsonl, and the targets judged on them."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("token_reduction", ROOT / "benchmarks" / "token_reduction.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assets = make_assets(tmp_path)
+    assert bench.main(["--smoke", "--assets", str(assets), "--qr-work", str(tmp_path / "qr"), "--work",
+                       str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--workers", "0"]) == 0
+    result = json.loads((tmp_path / "out" / "token_reduction_smoke_cpu.json").read_text())
+    runs = {(r["tower"], r["name"]): r for r in result["runs"]}
+    assert set(runs) == {("image", "full"), ("image", "random_0.5"), ("image", "resize_half"),
+                         ("text", "full"), ("text", "syntax_8"), ("text", "truncate_8")}
+    for key, r in runs.items():
+        assert r["train_per_s"] > 0 and r["wall_s"] > 0 and 0.0 <= r["score"] <= 1.0, key
+        assert len(r["stages"]) == (1 if r["name"] == "full" else 2), key
+    staged = json.loads((tmp_path / "work" / "image" / "random_0.5" / "log.jsonl").read_text().splitlines()[-1])
+    assert staged["stage"] == 2 and staged["step"] == sum(runs[("image", "random_0.5")]["steps"])
+    assert {"image_random_0.5_speedup", "text_syntax_8_speedup"} <= set(result["targets"])

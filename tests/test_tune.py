@@ -261,3 +261,19 @@ def test_unfreeze_last_needs_locked_towers_with_that_many_blocks(shapes, tmp_pat
         Tuner(two_tower(), lock="none", unfreeze_last=2)
     with pytest.raises(ValueError, match="tune.unfreeze_last: 5, but vit_tiny has 1 blocks"):
         tune(two_tower(), shapes, tmp_path, lock="image", unfreeze_last=5)
+
+
+def test_tuning_takes_the_token_schedule(shapes, tmp_path, monkeypatch):
+    """``distill tune`` feeds the towers it trains fewer tokens in the schedule's first stage (issue 18)."""
+    import distill.tokens as tk
+
+    seen = []
+    real_img, real_txt = tk.image_features, tk.text_features
+    monkeypatch.setattr(tk, "image_features", lambda m, x, cfg, g=None: seen.append(("image", cfg.mode if cfg else ""))
+                        or real_img(m, x, cfg, g))
+    monkeypatch.setattr(tk, "text_features", lambda m, t, cfg, g=None, p=None: seen.append(("text", cfg.mode if cfg else ""))
+                        or real_txt(m, t, cfg, g, p))
+    sched = [{"steps": 2, "image_tokens": {"mode": "grid"}, "text_tokens": {"mode": "truncate", "keep": 3}}, {"steps": 1}]
+    result = tune(two_tower(), shapes, tmp_path, lock="none", schedule=sched)
+    assert result.steps == 3
+    assert seen == [("image", "grid"), ("text", "truncate")] * 2 + [("image", ""), ("text", "")]
