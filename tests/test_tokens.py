@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_student
 from distill import Distiller, create_student
-from distill.config import StageCfg, TokensCfg, load_recipe
+from distill.config import TokensCfg, load_recipe
 from distill.errors import RecipeError
 from distill.tokens import (TAGGERS, get_tagger, image_features, patch_indices, select_tokens, stage_at,
                             syntax_priority, text_features)
