@@ -32,10 +32,8 @@ from _results import write_result  # noqa: E402
 ASSETS = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
 
 MODES = {
-    # 5 of MiniLM's 6 layers (21.5M params with the grown vocabulary, MiniLM has 22.7M): 4 layers lost English
-    # recall to capacity (0.573 of the teacher's 0.644); fewer steps keep quick mode under 30 minutes
-    "quick": {"layers": 5, "vocab": 8000, "steps": 1200, "batch": 64, "lr": 2e-4, "context": 40,
-              "scratch_steps": 350, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024},
+    "quick": {"layers": 4, "vocab": 8000, "steps": 1400, "batch": 64, "lr": 2e-4, "context": 40,
+              "scratch_steps": 700, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024},
     "full": {"layers": 5, "vocab": 12000, "steps": 20000, "batch": 256, "lr": 2e-4, "context": 64,
              "scratch_steps": 20000, "scratch_batch": 256, "scratch_lr": 5e-4, "scratch_vocab": 24000, "queue": 4096},
     "smoke": {"layers": 1, "vocab": 300, "steps": 4, "batch": 8, "lr": 2e-4, "context": 24,

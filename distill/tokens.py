@@ -333,3 +333,15 @@ def _words(tokenizer: Any, text: str, enc: Any, b: int, word_ids: list[int | Non
         lo, hi = spans.get(w, (span.start, span.end))
         spans[w] = (min(lo, span.start), max(hi, span.end))
     return [text[slice(*spans[w])] if w in spans else "" for w in range(max(spans) + 1)] if spans else []
+
+
+def syntax_annotator(schedule: Sequence[Any], text_tower: Any) -> Callable[[list[str], Any], torch.Tensor] | None:
+    """``(captions, tokens) -> word classes`` for a schedule that keeps text tokens by syntax (None
+    otherwise), to run in the loader beside the tokenizer. The tagger (the first syntax stage's) loads
+    now, so a missing one fails before training starts."""
+    stages = [s.text_tokens for s in schedule if s.text_tokens.mode == "syntax"]
+    if not stages or text_tower is None:
+        return None
+    tagger = get_tagger(stages[0].tagger)
+    tokenizer = text_tower.tokenizer
+    return lambda texts, toks: syntax_priority(tokenizer, texts, toks, tagger)

@@ -330,7 +330,8 @@ class Distiller:
             tokenizers["student"] = student.tokenize
         dataset = PairDataset(rows, views, r.data.augment, r.data.crop_scale, r.train.seed, image_reader(r.data),
                               flip=r.data.flip)
-        return dataset, make_collate(tokenizers, self._syntax(student, "student" in tokenizers))
+        words = tokens.syntax_annotator(r.train.schedule, student.text if "student" in tokenizers else None)
+        return dataset, make_collate(tokenizers, words)
 
     def _cached_data(self, rows: Rows, image_keys, text_keys, student):
         from .cache import CachedPairDataset, cached_collate
@@ -340,17 +341,8 @@ class Distiller:
                                     student.preprocess if student.image is not None else None,
                                     r.data.augment, r.train.seed, image_reader(r.data))
         tokenizers = {"student": student.tokenize} if student.text is not None and rows.has_text else {}
-        return dataset, cached_collate(self._cache, make_collate(tokenizers, self._syntax(student, bool(tokenizers))))
-
-    def _syntax(self, student, has_text: bool):
-        """The part of speech of each student token, when a stage keeps tokens by syntax (computed in the
-        loader, beside the tokenizer); the tagger is loaded now, so a missing one fails before training."""
-        stages = [s.text_tokens for s in self.recipe.train.schedule if s.text_tokens.mode == "syntax"]
-        if not stages or not has_text:
-            return None
-        tagger = tokens.get_tagger(stages[0].tagger)
-        tokenizer = student.text.tokenizer
-        return lambda texts, toks: tokens.syntax_priority(tokenizer, texts, toks, tagger)
+        words = tokens.syntax_annotator(r.train.schedule, student.text if tokenizers else None)
+        return dataset, cached_collate(self._cache, make_collate(tokenizers, words))
 
 
 class DistillStep(nn.Module):

@@ -74,16 +74,6 @@ class FrozenTable:
     head: bool
 
 
-def _syntax(r, model):
-    """Each token's word class for a stage that keeps text tokens by syntax (see ``tokens``)."""
-    stages = [s.text_tokens for s in r.train.schedule if s.text_tokens.mode == "syntax"]
-    if not stages or model.text is None:
-        return None
-    tagger = tokens.get_tagger(stages[0].tagger)
-    tok = model.text.tokenizer
-    return lambda texts, toks: tokens.syntax_priority(tok, texts, toks, tagger)
-
-
 class TuneStep(nn.Module):
     """Two-tower model + temperature; forward is the CLIP loss (one module for DDP).
 
@@ -413,7 +403,7 @@ class Tuner:
         elif t.lock == "text" and not t.unfreeze_last:
             tables = {"text": self._text_table(rows.captions)}
         collate = make_collate({} if "text" in tables else {"model": model.tokenize},
-                               None if "text" in tables else _syntax(r, model))
+                               None if "text" in tables else tokens.syntax_annotator(r.train.schedule, model.text))
         loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, tables)
         loop.make_loader = make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed,
                                                r.data.num_workers, pin)
