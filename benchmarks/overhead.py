@@ -22,6 +22,7 @@ import argparse
 import csv
 import os
 import sys
+from statistics import median
 import tempfile
 import time
 from pathlib import Path
@@ -144,10 +145,6 @@ def fit(name: str, teacher, cfg, work: Path, data: Path, mode: str, workers: int
     train = sum(t[k] for k in ("data_s", "step_s", "log_s", "hooks_s"))
     return {"per_s": t["steps"] * cfg["batch"] / train, "steps": t["steps"], "train_s": train,
             "checkpoint_s": t["checkpoint_s"], "share": {k[:-2]: t[k] / train for k in ("data_s", "step_s", "log_s", "hooks_s")}}
-
-
-def median(values: list[float]) -> float:
-    return float(torch.tensor(values).median()) if len(values) % 2 else float(torch.tensor(values).quantile(0.5))
 
 
 def teacher_ceiling(teacher, size: int, batch: int, steps: int) -> float:

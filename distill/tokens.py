@@ -35,9 +35,9 @@ def stage_at(schedule: Sequence[Any], step: int) -> tuple[int, Any | None]:
     if not schedule:
         return 0, None
     end = 0
-    for i, stage in enumerate(schedule):
+    for i, stage in enumerate(schedule[:-1]):
         end += stage.steps
-        if step < end or i == len(schedule) - 1:
+        if step < end:
             return i, stage
     return len(schedule) - 1, schedule[-1]
 
