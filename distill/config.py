@@ -55,6 +55,8 @@ class DataCfg:
     parallel_source: Optional[str] = None
     parallel_targets: list[str] = field(default_factory=list)
     parallel_keep_source: bool = True  # also train source -> source, so the student keeps that language
+    # batches of captions of similar token length (a text student pads far less; transformers' option)
+    group_by_length: bool = False
     text_target: str = "caption"  # what a caption is learnt onto: caption (the teacher's text embedding of it)
     # or image (the teacher's embedding of its image: captions in a language the teacher cannot read)
 

@@ -30,8 +30,15 @@ def embed_images(model: Any, paths: Sequence[str], batch_size: int = 64, encoder
 
 @torch.no_grad()
 def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    out = [model.encode_text(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    """Normalised text embeddings of ``texts`` in their order (encoded in batches of similar length:
+    less padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = [model.encode_text([texts[j] for j in order[i:i + batch_size]]).float().cpu()
+           for i in range(0, len(order), batch_size)]
+    if not out:
+        return torch.empty(0)
+    emb = torch.cat(out)
+    return emb[torch.argsort(torch.tensor(order))]
 
 
 def zero_shot_accuracy(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor,

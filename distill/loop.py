@@ -570,11 +570,14 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_workers: int, pin: bool):
-    """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator."""
+def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_workers: int, pin: bool,
+                        lengths: Sequence[int] | None = None):
+    """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator;
+    ``lengths``: each row's token count, to batch rows of similar length (``data.group_by_length``)."""
 
     def make(consumed: int, rank: int, world: int) -> Iterator:
-        sampler = _RankSampler(EpochBatchSampler(len(dataset), batch_size * world, seed), consumed, rank, world)
+        batches = EpochBatchSampler(len(dataset), batch_size * world, seed, lengths=lengths)
+        sampler = _RankSampler(batches, consumed, rank, world)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
             pin_memory=pin, persistent_workers=False,

@@ -251,11 +251,12 @@ class Distiller:
         pin = torch.cuda.is_available() and not r.train.cpu
         workers = r.data.num_workers if rows.has_images else 0
         train_keys = [keys[0][i] for i in train] if keys else None
+        lengths = _token_lengths(student, train_rows.captions) if r.data.group_by_length else None
         teacher_id = {k: v for k, v in (identity or {}).items() if k != "path"}  # a moved teacher is the same
         run = run_identity(r, teacher=teacher_id, student=student.config(),
                            data=data_fingerprint(train_rows, train_keys, progress=r.train.progress))
         loop = TrainLoop(r, step_module,
-                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin),
+                         make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin, lengths),
                          run=run, rows=train_rows, data_hint=_data_hint(r, rows.has_images, bool(self.cache_dir)))
         loop.claim()  # before anything is written into the output folder
         out = Path(r.train.output_dir)
@@ -392,6 +393,18 @@ class DistillStep(nn.Module):
     @property
     def loss_device(self) -> torch.device:
         return next(self.student.parameters()).device
+
+
+def _token_lengths(student, captions: list) -> list[int]:
+    """Each caption's token count under the student's own tokenizer (``data.group_by_length``)."""
+    if student.text is None:
+        raise RecipeError("data.group_by_length: batches captions by their token length; this student has no "
+                          "text tower (set it to false)")
+    out: list[int] = []
+    for i in range(0, len(captions), 4096):
+        chunk = [c or "" for c in captions[i:i + 4096]]
+        out += student.tokenize(chunk)["attention_mask"].sum(1).tolist()
+    return out
 
 
 def _data_hint(r: Recipe, images: bool, cached: bool) -> str:

@@ -369,6 +369,9 @@ class Tuner:
         rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
         if not rows.has_images or not rows.has_text:
             raise DataError(f"{rows.source}: tuning needs image-caption pairs")
+        if r.data.group_by_length:
+            raise RecipeError("data.group_by_length: batches by caption length for distillation (distill fit); "
+                              "contrastive tuning takes its negatives from random batches: set it to false")
         keep, why = split_usable(rows, need_image=True, need_caption=True)
         skipped = [(rows, i, reason) for i, reason in why.items()]
         rows = rows.subset(keep)

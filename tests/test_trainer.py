@@ -91,3 +91,46 @@ def test_slow_loading_is_shown_and_warned_about_once(teacher, shapes, tmp_path, 
     timing = result.extra["timing"]
     assert timing["steps"] == 16 and timing["data_s"] > 16 * 16 * 0.01 * 0.9  # 16 batches of 16 sleeps
     assert timing["data_wait"] > 0.25
+
+
+def test_length_grouped_batches_pad_less_and_replay_on_resume():
+    import numpy as np
+
+    from distill.data import EpochBatchSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=1000)
+    plain = EpochBatchSampler(1000, 32, seed=3)
+    grouped = EpochBatchSampler(1000, 32, seed=3, lengths=lengths, group=8)
+    # without lengths the batches are the plain shuffled slices they always were
+    perm = np.random.default_rng([3, 10_007, 0]).permutation(1000)
+    assert next(iter(plain)) == perm[:32].tolist()
+    it = iter(grouped)
+    epoch = [next(it) for _ in range(grouped.per_epoch)]
+    rows = sorted(i for b in epoch for i in b)
+    assert len(rows) == len(set(rows)) == 31 * 32 and max(rows) < 1000  # each row at most once an epoch
+    pad = lambda batches: np.mean([lengths[[i % 1000 for i in b]].max() for b in batches])  # noqa: E731
+    it = iter(plain)
+    assert pad(epoch) < 0.7 * pad([next(it) for _ in range(plain.per_epoch)])
+    assert next(iter(grouped))[0] >= 0 and epoch[0] != sorted(epoch[0])  # shuffled batch order, longest first
+    # resuming at batch k replays the same batches, into the next epoch
+    resumed = EpochBatchSampler(1000, 32, seed=3, lengths=lengths, group=8, start_batch=29)
+    it, again = iter(grouped), iter(resumed)
+    seq = [next(it) for _ in range(35)]
+    assert [next(again) for _ in range(6)] == seq[29:]
+    assert min(seq[31]) >= 1000  # epoch 1 indices carry the epoch
+
+
+def test_text_student_with_length_grouped_batches(teacher, shapes, tmp_path):
+    from distill import create_student
+    from distill.errors import RecipeError
+
+    torch.manual_seed(0)
+    student = create_student("bert_small", embed_dim=teacher.embed_dim, hidden_size=32, num_layers=1, num_heads=2)
+    result = Distiller(teacher, student, output_dir=str(tmp_path / "txt"), max_steps=25, group_by_length=True,
+                       **FAST).fit(str(shapes / "train.csv"))
+    loss = result.history["loss"]
+    assert sum(loss[-5:]) < 0.8 * sum(loss[:5])
+    with pytest.raises(RecipeError, match="data.group_by_length"):
+        Distiller(teacher, tiny_student(), output_dir=str(tmp_path / "img"), max_steps=2, group_by_length=True,
+                  **FAST).fit(str(shapes / "train.csv"))

@@ -194,6 +194,13 @@ def test_tuner_rejects_bad_options(shapes):
         Tuner(two_tower(), lora_rnak=4)
 
 
+def test_tuning_refuses_length_grouped_batches(shapes, tmp_path):
+    from distill.config import RecipeError
+
+    with pytest.raises(RecipeError, match="data.group_by_length: .*random batches"):
+        tune(two_tower(), shapes, tmp_path, group_by_length=True)
+
+
 def test_composite_openclip_image_tower_saves_and_reloads(tmp_path):
     from conftest import TINY_OPENCLIP
     from distill import create_student, load_teacher
