@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = evaluation(students[name])
         timing[f"{name}_eval_s"] = time.perf_counter() - t0
     res = results["student"]
-    photo_dir = Path(args.photo_teacher or (PHOTO_TEACHER if mode != "smoke" else ""))
+    photo_dir = Path(args.photo_teacher) if args.photo_teacher else PHOTO_TEACHER if mode != "smoke" else None
     if args.photo_teacher and not (photo_dir / "config.json").exists():
         raise SystemExit(f"--photo-teacher {photo_dir}: no saved model there (config.json)")
-    if (photo_dir / "config.json").exists():
+    if photo_dir is not None and (photo_dir / "config.json").exists():
         t0 = time.perf_counter()
         res["photos"] = photo_retrieval(photo_dir, students, queries, english)
         timing["photo_eval_s"] = time.perf_counter() - t0

@@ -97,11 +97,31 @@ def data_fingerprint(rows: Rows, image_keys: list[str | None] | None = None, pro
 def run_identity(recipe: Recipe, **parts: Any) -> dict[str, Any]:
     """What makes a run this run: the recipe fields that change its numbers, plus ``parts`` (teacher
     identity, student config, data fingerprint)."""
-    rec = recipe.to_dict()
+    rec, default = recipe.to_dict(), Recipe().to_dict()
     for section, keys in _NOT_RUN_FIELDS.items():
         for k in keys:
             rec[section].pop(k, None)
+    # fields at their default are left out: an option added in a later version does not make every
+    # earlier run "another run" (comparisons fill the defaults back in: _with_defaults)
+    rec = {s: {k: v for k, v in vals.items() if default.get(s, {}).get(k, _MISSING) != v} for s, vals in rec.items()}
     return {"recipe": rec, **parts}
+
+
+_MISSING = object()
+
+
+def _with_defaults(run: dict[str, Any]) -> dict[str, Any]:
+    """A run identity with the recipe's default values filled in (to name what differs)."""
+    if not isinstance(run.get("recipe"), dict):
+        return run
+    default = Recipe().to_dict()
+    rec = {s: {**default.get(s, {}), **(vals if isinstance(vals, dict) else {})} for s, vals in run["recipe"].items()}
+    for s, vals in default.items():
+        rec.setdefault(s, vals)
+    for section, keys in _NOT_RUN_FIELDS.items():
+        for k in keys:
+            rec.get(section, {}).pop(k, None)
+    return {**run, "recipe": rec}
 
 
 def _hash(run: dict[str, Any]) -> str:
@@ -166,7 +186,7 @@ def _check_same_run(output_dir: Path, run: dict[str, Any], rid: str, ckpt_rid: s
     if theirs is None:
         raise RunConflictError(f"{output_dir} holds checkpoints that record no run (an older clip-distill): they "
                                "cannot be matched to this recipe; use train.overwrite=true or another train.output_dir")
-    diff = _differences(recorded["run"], run) if recorded and "run" in recorded else []
+    diff = _differences(_with_defaults(recorded["run"]), _with_defaults(run)) if recorded and "run" in recorded else []
     diff = ["data: the rows differ (an image's content, a caption, or which rows there are)" if d.startswith("data:")
             else d for d in diff]
     detail = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "") if diff else \
@@ -578,9 +598,11 @@ def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_worker
     def make(consumed: int, rank: int, world: int) -> Iterator:
         batches = EpochBatchSampler(len(dataset), batch_size * world, seed, lengths=lengths)
         sampler = _RankSampler(batches, consumed, rank, world)
+        # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global
+        # one, which a resumed run has just restored, and every dropout mask after the resume would shift
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            pin_memory=pin, persistent_workers=False,
+            pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
         )
         return iter(loader)
 

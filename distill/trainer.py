@@ -195,6 +195,9 @@ class Distiller:
         """Train; ``data``: a file/folder path or Rows (default: the recipe's ``data.train``)."""
         r = self.recipe
         teacher, student = self.build()
+        if r.data.group_by_length and student.text is None:
+            raise RecipeError("data.group_by_length: batches captions by their token length; this student has no "
+                              "text tower (set it to false)")
         source = data if data is not None else r.data.train
         if source is None or (isinstance(source, str) and not source):
             raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
@@ -397,9 +400,6 @@ class DistillStep(nn.Module):
 
 def _token_lengths(student, captions: list) -> list[int]:
     """Each caption's token count under the student's own tokenizer (``data.group_by_length``)."""
-    if student.text is None:
-        raise RecipeError("data.group_by_length: batches captions by their token length; this student has no "
-                          "text tower (set it to false)")
     out: list[int] = []
     for i in range(0, len(captions), 4096):
         chunk = [c or "" for c in captions[i:i + 4096]]

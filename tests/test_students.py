@@ -103,10 +103,27 @@ def test_keep_layers_picks_the_named_blocks_and_reloads(tmp_path):
     again = load_student(s.save(tmp_path / "s"))
     with torch.no_grad():
         torch.testing.assert_close(again.encode_text(["a dog on the grass"]), s.eval().encode_text(["a dog on the grass"]))
-    for bad in ([0, 6], [3, 1], [], [2, 2], "0,1,5", [0, 1.0]):
+    for bad in ([0, 6], [3, 1], [], [2, 2], "0,1,5", [0, 1.0], [0, True], 3):
         with pytest.raises(RecipeError, match="student.kwargs.keep_layers"):
             create_student("bert_small", embed_dim=8, pretrained="minilm", keep_layers=bad)
     with pytest.raises(RecipeError, match="num_layers: 2, but keep_layers names 3"):
         create_student("bert_small", embed_dim=8, pretrained="minilm", num_layers=2, keep_layers=[0, 1, 5])
     with pytest.raises(RecipeError, match="keep_layers: picks blocks of a pretrained start"):
         create_student("bert_small", embed_dim=8, keep_layers=[0, 1])
+
+
+def test_hf_student_of_another_layout_builds_and_names_the_key_it_cannot_take(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from distill.errors import RecipeError
+    from distill.students.text import bert_tokenizer
+
+    folder = tmp_path / "tiny_distilbert"
+    config = transformers.DistilBertConfig(vocab_size=len(bert_tokenizer()), dim=32, n_layers=2, n_heads=2,
+                                           hidden_dim=64)
+    transformers.DistilBertModel(config).save_pretrained(folder)
+    bert_tokenizer().save_pretrained(str(folder))
+    s = create_student(f"hf:{folder}", embed_dim=8, pretrained=False)  # no encoder.layer: all blocks, as before
+    assert s.encode_text(["a dog"]).shape == (1, 8)
+    for kwargs in ({"num_layers": 1}, {"keep_layers": [1]}):
+        with pytest.raises(RecipeError, match=f"student.kwargs.{next(iter(kwargs))}: DistilBertModel"):
+            create_student(f"hf:{folder}", embed_dim=8, pretrained=False, **kwargs)

@@ -134,3 +134,30 @@ def test_text_student_with_length_grouped_batches(teacher, shapes, tmp_path):
     with pytest.raises(RecipeError, match="data.group_by_length"):
         Distiller(teacher, tiny_student(), output_dir=str(tmp_path / "img"), max_steps=2, group_by_length=True,
                   **FAST).fit(str(shapes / "train.csv"))
+
+
+def test_resumed_text_student_with_dropout_matches_uninterrupted_run(teacher, shapes, tmp_path):
+    from distill import create_student
+
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        student = create_student("bert_small", embed_dim=teacher.embed_dim, hidden_size=32, num_layers=1, num_heads=2)
+        assert student.text.encoder.config.hidden_dropout_prob > 0  # dropout draws from the global generator
+        return Distiller(teacher, student, output_dir=str(out), max_steps=steps, resume=resume, checkpoint_every=3,
+                         group_by_length=True, **FAST).fit(str(shapes / "train.csv"))
+
+    full = run(tmp_path / "full", 12)
+    run(tmp_path / "cut", 3)
+    resumed = run(tmp_path / "cut", 12, resume=True)
+    assert resumed.history["loss"] == full.history["loss"]
+
+
+def test_run_identity_records_only_what_differs_from_the_defaults():
+    from distill.config import Recipe, apply_options
+    from distill.loop import _with_defaults, run_identity
+
+    plain = run_identity(Recipe())
+    assert all(not v for v in plain["recipe"].values())  # an option added later, at its default, changes nothing
+    tuned = run_identity(apply_options(Recipe(), {"lr": 3e-3, "group_by_length": True, "max_steps": 7}))
+    assert tuned["recipe"]["optim"] == {"lr": 3e-3} and tuned["recipe"]["data"] == {"group_by_length": True}
+    assert _with_defaults(plain)["recipe"]["optim"]["lr"] == Recipe().optim.lr  # named in full when runs differ

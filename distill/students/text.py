@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,12 +88,16 @@ def _auto_model(factory, source):
 def _truncate_layers(model, num_layers: int | None, keep_layers: Sequence[int] | None = None) -> None:
     # A shallower student from its teacher's blocks: the first N (DistilBERT-style), or the ones named in
     # keep_layers. Keeping the last block matters: MiniLM-L6 cut to blocks [0, 1, 3, 5] retrieves English
-    # captions at R@1 0.590 before any training, its first four blocks at 0.399 (flickr1k, 5,000 captions).
-    layers = model.encoder.layer
+    # captions at R@1 0.590 before any training, its first four blocks at 0.399 (benchmarks/text_students.py).
+    if num_layers is None and keep_layers is None:
+        return
+    key = "keep_layers" if keep_layers is not None else "num_layers"
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if layers is None:
+        raise RecipeError(f"student.kwargs.{key}: {type(model).__name__} keeps its blocks elsewhere than "
+                          "encoder.layer (BERT's layout); leave the option out to use all of them")
     if keep_layers is not None:
-        ok = isinstance(keep_layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
-                                                             for i in keep_layers)
-        keep = list(keep_layers) if ok else []
+        keep = _block_indices(keep_layers)
         if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= len(layers):
             raise RecipeError(f"student.kwargs.keep_layers: {keep_layers!r}; give a list of increasing block indices "
                               f"from 0 to {len(layers) - 1} (the encoder has {len(layers)} blocks)")
@@ -102,12 +107,25 @@ def _truncate_layers(model, num_layers: int | None, keep_layers: Sequence[int] |
         model.encoder.layer = type(layers)([layers[i] for i in keep])
         model.config.num_hidden_layers = len(keep)
         return
-    if num_layers is None:
-        return
     if not 0 < num_layers <= len(layers):
         raise RecipeError(f"student.kwargs.num_layers: {num_layers}, but the encoder has {len(layers)} layers")
     model.encoder.layer = layers[:num_layers]
     model.config.num_hidden_layers = num_layers
+
+
+def _block_indices(value: Any) -> list[int]:
+    """``value`` as a list of ints ([] when it is not a sequence of integers: bools, floats and strings are not)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return []
+    out = []
+    for i in value:
+        if isinstance(i, bool):
+            return []
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            return []
+    return out
 
 
 def hf_text_tower(
