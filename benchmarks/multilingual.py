@@ -38,7 +38,7 @@ PHOTO_TEACHER = REPO / "runs" / "quality_real_quick" / "teacher" / "model"
 # layers: the blocks of MiniLM-L6 the student keeps (the last one too: before any training, blocks
 # [0, 1, 2, 3, 5] retrieve English captions at R@1 0.618, the first five at 0.484)
 MODES = {
-    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 1400, "batch": 64, "lr": 2e-4, "context": 40,
+    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 1600, "batch": 64, "lr": 2e-4, "context": 40,
               "scratch_steps": 700, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024},
     "full": {"layers": [0, 1, 2, 3, 5], "vocab": 12000, "steps": 20000, "batch": 256, "lr": 2e-4, "context": 64,
              "scratch_steps": 20000, "scratch_batch": 256, "scratch_lr": 5e-4, "scratch_vocab": 24000, "queue": 4096},
