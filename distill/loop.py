@@ -97,10 +97,7 @@ def data_fingerprint(rows: Rows, image_keys: list[str | None] | None = None, pro
 def run_identity(recipe: Recipe, **parts: Any) -> dict[str, Any]:
     """What makes a run this run: the recipe fields that change its numbers, plus ``parts`` (teacher
     identity, student config, data fingerprint)."""
-    rec, default = recipe.to_dict(), Recipe().to_dict()
-    for section, keys in _NOT_RUN_FIELDS.items():
-        for k in keys:
-            rec[section].pop(k, None)
+    rec, default = _run_fields(recipe.to_dict()), _run_fields(Recipe().to_dict())
     # fields at their default are left out: an option added in a later version does not make every
     # earlier run "another run" (comparisons fill the defaults back in: _with_defaults)
     rec = {s: {k: v for k, v in vals.items() if default.get(s, {}).get(k, _MISSING) != v} for s, vals in rec.items()}
@@ -110,17 +107,21 @@ def run_identity(recipe: Recipe, **parts: Any) -> dict[str, Any]:
 _MISSING = object()
 
 
+def _run_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict without the fields that do not change a run's numbers (_NOT_RUN_FIELDS)."""
+    for section, keys in _NOT_RUN_FIELDS.items():
+        for k in keys:
+            rec.get(section, {}).pop(k, None)
+    return rec
+
+
 def _with_defaults(run: dict[str, Any]) -> dict[str, Any]:
     """A run identity with the recipe's default values filled in (to name what differs)."""
     if not isinstance(run.get("recipe"), dict):
         return run
-    default = Recipe().to_dict()
-    rec = {s: {**default.get(s, {}), **(vals if isinstance(vals, dict) else {})} for s, vals in run["recipe"].items()}
-    for s, vals in default.items():
-        rec.setdefault(s, vals)
-    for section, keys in _NOT_RUN_FIELDS.items():
-        for k in keys:
-            rec.get(section, {}).pop(k, None)
+    default, recorded = _run_fields(Recipe().to_dict()), run["recipe"]
+    rec = {s: {**default.get(s, {}), **(recorded.get(s) if isinstance(recorded.get(s), dict) else {})}
+           for s in {**default, **recorded}}
     return {**run, "recipe": rec}
 
 
