@@ -125,12 +125,19 @@ def _relative(path: str | None, out: Path) -> str | None:
 
 def check_data(source: Any, out: str | os.PathLike | None = None, workers: int | None = None,
                min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS, max_words: int = 60,
-               progress: bool = True) -> CheckReport:
+               progress: bool = True, overwrite: bool = False) -> CheckReport:
     """Scan every row of ``source``; write ``clean.jsonl``, ``rejected.jsonl`` and ``report.json``
-    into ``out`` when given. ``max_pixels`` is PIL's decompression-bomb limit."""
+    into ``out`` when given (a new folder, or with ``overwrite`` one holding another clip-distill
+    artifact; never one that holds the data). ``max_pixels`` is PIL's decompression-bomb limit."""
     from tqdm.auto import tqdm
 
+    from .outputs import claim, image_folders, inputs_of
+
     rows: Rows = as_rows(source)
+    if out is not None:
+        claim(out, "a data check", inputs_of({"the data": source if isinstance(source, (str, os.PathLike)) else None,
+                                              "an image folder of the data": image_folders(rows.images)}),
+              overwrite=overwrite)
     paths = list(dict.fromkeys(p for p in rows.images if p))
     workers = workers or min(8, os.cpu_count() or 1)
     info: dict[str, ImageInfo] = {}
@@ -176,11 +183,13 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
         clean.append(record)
     report = CheckReport(len(rows), len(clean), rejected, notes, rows.layout)
     if out is not None:
-        out = Path(out)
+        from .outputs import staged
+
         dump = lambda recs: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode("utf-8")  # noqa: E731
-        atomic_write_bytes(out / "clean.jsonl", dump(clean))
-        atomic_write_bytes(out / "rejected.jsonl", dump(rejected))
-        write_json(out / "report.json", {"source": rows.source, "layout": rows.layout, "rows": report.rows,
-                                         "clean": report.clean, "rejected": len(rejected), "counts": report.counts,
-                                         "notes": notes})
+        with staged(out) as tmp:
+            atomic_write_bytes(tmp / "clean.jsonl", dump(clean))
+            atomic_write_bytes(tmp / "rejected.jsonl", dump(rejected))
+            write_json(tmp / "report.json", {"source": rows.source, "layout": rows.layout, "rows": report.rows,
+                                             "clean": report.clean, "rejected": len(rejected),
+                                             "counts": report.counts, "notes": notes})
     return report

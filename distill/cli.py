@@ -25,8 +25,8 @@ DEBUG_ENV = "DISTILL_DEBUG"  # set to 1: every error shows its Python traceback
 REPORT_URL = "https://github.com/clip-distill/clip-distill/issues"
 
 
-def _count(low: int):
-    """argparse type: an integer >= ``low``, named in the error."""
+def _count(low: int, high: int | None = None):
+    """argparse type: an integer in [``low``, ``high``], named in the error."""
 
     def parse(text: str) -> int:
         try:
@@ -35,6 +35,8 @@ def _count(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be <= {high}")
         return value
 
     return parse
@@ -121,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--pair-teacher", default=None,
                    help="add this teacher's text tower to an image student (saved/LiT, text: or openclip: teachers)")
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file for --pair-teacher")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace another clip-distill artifact at --out (never the student's own folder)")
 
     d = sub.add_parser("data", help="check or pack a data source")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -133,14 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--out", default=None)
     dc.add_argument("--workers", type=_count(1), default=None)
     dc.add_argument("--min-side", type=_count(1), default=16)
+    dc.add_argument("--overwrite", action="store_true", help="replace another clip-distill artifact at --out")
     dp = dsub.add_parser("pack", help="decode images once into a memory-mapped uint8 store",
                          description="Squashes every image to SIZE x SIZE uint8 shards (+ index.json with the original "
                          "sizes); set data.packed=DIR in a recipe (or --packed for cache build) to train on bytes "
                          "instead of JPEGs. Crops replay exactly: views are fractions of the image.")
     dp.add_argument("source")
     dp.add_argument("--out", required=True)
-    dp.add_argument("--size", type=_count(8), default=224)
+    dp.add_argument("--size", type=_count(8, 4096), default=224)
     dp.add_argument("--workers", type=_count(1), default=None)
+    dp.add_argument("--overwrite", action="store_true", help="replace another clip-distill artifact at --out")
 
     pl = sub.add_parser("plan", help="batch size / accumulation / checkpointing that fit a VRAM budget",
                         description="Builds the recipe's student and probes two micro-batches on this device "
@@ -211,11 +217,14 @@ def _parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", help="learn a vocabulary from captions")
     tt.add_argument("sources", nargs="+", help="caption data (csv, jsonl, txt, folder...) or parallel csv files")
     tt.add_argument("--out", required=True)
-    tt.add_argument("--vocab", type=_count(16), default=16000, help="vocabulary size")
+    from .vocab import MAX_VOCAB  # light: no tokenizers import until a vocabulary is trained
+
+    tt.add_argument("--vocab", type=_count(16, MAX_VOCAB), default=16000, help="vocabulary size")
     tt.add_argument("--model", default="wordpiece", choices=["wordpiece", "bpe", "unigram"])
     tt.add_argument("--normalize", default="nfc", choices=["nfc", "nfkc"])
     tt.add_argument("--lowercase", action="store_true")
     tt.add_argument("--columns", default=None, help="columns of a parallel csv to read (e.g. en,de,fr)")
+    tt.add_argument("--overwrite", action="store_true", help="replace another clip-distill artifact at --out")
 
     sub.add_parser("list", help="registered teachers, students and losses")
     return p
@@ -307,7 +316,8 @@ def cmd_data(args) -> int:
     if args.data_command == "check":
         from .check import check_data
 
-        report = check_data(args.source, args.out, workers=args.workers, min_side=args.min_side)
+        report = check_data(args.source, args.out, workers=args.workers, min_side=args.min_side,
+                            overwrite=args.overwrite)
         print(report.summary())
         for r in report.rejected[:20]:
             print(f"  rejected row {r['row']}: {r['image'] or r['caption']!r}: {r['reason']}")
@@ -318,7 +328,7 @@ def cmd_data(args) -> int:
         return 0 if report.clean else 1
     from .pack import pack_images
 
-    summary = pack_images(args.source, args.out, size=args.size, workers=args.workers)
+    summary = pack_images(args.source, args.out, size=args.size, workers=args.workers, overwrite=args.overwrite)
     print(f"packed {summary.images} images at {args.size} px into {summary.path} ({summary.bytes / 1e6:.1f} MB); "
           f"{len(summary.skipped)} unreadable skipped")
     return 0
@@ -327,11 +337,14 @@ def cmd_data(args) -> int:
 def cmd_tokenizer(args) -> int:
     from .vocab import texts_of, train_tokenizer
 
+    from .outputs import claim, inputs_of, staged
+
+    claim(args.out, "a tokenizer", inputs_of({"a caption source": args.sources}), overwrite=args.overwrite)
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else []
     texts = texts_of(args.sources, columns)
     tok = train_tokenizer(texts, args.vocab, args.model, args.normalize, args.lowercase)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(args.out)
+    with staged(args.out) as tmp:
+        tok.save_pretrained(str(tmp))
     unk = sum(e.count(tok.unk_token_id) for e in tok(texts[:2000], add_special_tokens=False)["input_ids"])
     print(f"trained a {args.model} tokenizer of {len(tok)} tokens on {len(texts)} captions; wrote {args.out} "
           f"({unk} [UNK] in the first {min(2000, len(texts))} captions)")
@@ -439,7 +452,9 @@ def cmd_export(args) -> int:
     try:
         result = export(student, args.out, args.format, towers, data=args.data, dtype=args.dtype,
                         quantization=args.quantization, threshold=args.threshold, gate=not args.no_gate,
-                        low_threshold=args.low_threshold)
+                        low_threshold=args.low_threshold, overwrite=args.overwrite,
+                        inputs={"the student being exported": src, "the paired teacher": args.pair_teacher,
+                                "the paired teacher's weights": args.pretrained})
     except ExportGateError as e:
         print(f"distill export: gate failed: {e}", file=sys.stderr)
         return 3
@@ -487,14 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001: the one place errors become messages
         message = user_error(e)
         if message is None or debug:
-            if message is None:
-                import traceback
+            import traceback
 
-                traceback.print_exc()
-                print(f"distill {args.command}: internal error ({type(e).__name__}). This is a bug in clip-distill: "
-                      f"please report it at {REPORT_URL} with the command and the traceback above.", file=sys.stderr)
-                return 1
-            raise
+            traceback.print_exc()
+        if message is None:
+            print(f"distill {args.command}: internal error ({type(e).__name__}). This is a bug in clip-distill: "
+                  f"please report it at {REPORT_URL} with the command and the traceback above.", file=sys.stderr)
+            return 1
         # one write, so lines from several processes sharing a terminal do not interleave
         sys.stderr.write(f"distill {args.command}: error: {message}\n")
         sys.stderr.flush()

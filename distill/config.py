@@ -51,7 +51,8 @@ class DataCfg:
     num_workers: int = 2  # DataLoader workers decoding images
     packed: Optional[str] = None  # a store from `distill data pack`: read pre-resized bytes, not JPEGs
     # parallel sentences (a csv with one column per language): the teacher reads `parallel_source`, the
-    # student learns each of `parallel_targets` (all other columns when empty) onto it, and the source too
+    # student learns each of `parallel_targets` onto it, and the source too. Empty: every other column
+    # whose header is a language code (de, zh-cn) and whose values are sentences (never ids, paths, scores)
     parallel_source: Optional[str] = None
     parallel_targets: list[str] = field(default_factory=list)
     parallel_keep_source: bool = True  # also train source -> source, so the student keeps that language
@@ -466,6 +467,9 @@ def validate(recipe: Recipe) -> Recipe:
         ok, why = rule(value)
         if not ok:
             raise RecipeError(f"{path}: {value!r} {why}" if why.startswith("must") else f"{path}: {why}")
+    if recipe.train.resume and recipe.train.overwrite:
+        raise RecipeError("train.overwrite: true deletes the checkpoints that train.resume: true continues from; "
+                          "set one of them")
     recipe = _check_schedule(recipe)
     extra = sorted(set(recipe.loss.kwargs) - set(recipe.loss.weights))
     if extra:
@@ -487,8 +491,20 @@ def _check_schedule(recipe: Recipe) -> Recipe:
         if st.steps < 0 or (st.steps == 0 and i < len(stages) - 1):
             raise RecipeError(f"{at}.steps: {st.steps} must be >= 1 (only the last stage may leave it out)")
         img, txt = st.image_tokens, st.text_tokens
+        for tower, cfg in (("image_tokens", img), ("text_tokens", txt)):
+            given = [k for k in ("keep", "size") if getattr(cfg, k)]
+            if given and not cfg.mode:  # without a mode the stage would feed every token
+                modes = IMAGE_MODES if tower == "image_tokens" else TEXT_MODES
+                raise RecipeError(f"{at}.{tower}.mode: {given[0]} is set but no mode says how to reduce the tokens; "
+                                  f"name one of {', '.join(modes)}")
         if img.mode and img.mode not in IMAGE_MODES:
             raise RecipeError(f"{at}.image_tokens.mode: {img.mode!r} must be one of {', '.join(IMAGE_MODES)}")
+        if img.size and img.mode != "resize" and img.mode:
+            raise RecipeError(f"{at}.image_tokens.size: {img.size} is the side of a resize stage; {img.mode} keeps "
+                              "a fraction of the patches (keep)")
+        if img.mode == "resize" and img.size and img.keep:
+            raise RecipeError(f"{at}.image_tokens: resize takes size (pixels) or keep (a fraction of the tokens), "
+                              "not both")
         if img.mode == "resize" and not (img.size >= 8 or 0 < img.keep <= 1):
             raise RecipeError(f"{at}.image_tokens: resize needs size (pixels, >= 8) or keep (a fraction of the "
                               "tokens in (0, 1])")

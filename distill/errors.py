@@ -88,3 +88,11 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     what a one-line message quotes of an error raised by another library."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def unreachable(e: BaseException, what: str, key: str, fix: str) -> BaseException:
+    """A model hub that cannot be reached (or has no such model), as one line naming the model and the
+    recipe key (``key``) with ``fix``; any other error is returned as it is."""
+    if isinstance(e, OSError) and not isinstance(e, DistillError):
+        return ModelError(f"{key}: {what} cannot be loaded ({first_line(e, 160)}); {fix}")
+    return e

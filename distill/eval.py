@@ -6,7 +6,6 @@ normalised embeddings and an ``image_transform`` (teachers and students both qua
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Sequence
 
@@ -286,6 +285,16 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
     return res
 
 
+def photo_keys(paths: Sequence[str]) -> dict[str, str]:
+    """Each photo's content key (the cache's: a hash of its bytes), so a photo is the same photo in a
+    copied folder or under another name."""
+    from .cache.keys import image_keys
+
+    unique = list(dict.fromkeys(paths))
+    keys, _ = image_keys(unique, progress=False)
+    return dict(zip(unique, keys))
+
+
 def cross_lingual(teacher: Any, student: Any, queries: Any, gallery: Any, s_has_img: bool = False,
                   s_has_txt: bool = True) -> dict[str, dict[str, float]]:
     """Captions in another language (``queries``, image-caption rows) against the captions of the same
@@ -297,20 +306,40 @@ def cross_lingual(teacher: Any, student: Any, queries: Any, gallery: Any, s_has_
         raise RecipeError("--queries: cross-lingual retrieval needs the gallery captions (--data)")
     q = [(i, c) for i, c in zip(queries.images, queries.captions) if i and c]
     g = [(i, c) for i, c in zip(gallery.images, gallery.captions) if i and c]
-    key = lambda p: os.path.realpath(p)  # noqa: E731  (the same photo, however the two files name it)
+    key = photo_keys([i for i, _ in q + g])  # the same photo, however (and wherever) the two files name it
     out: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
     q_texts, g_texts = [c for _, c in q], [c for _, c in g]
-    q_groups, g_groups = [key(i) for i, _ in q], [key(i) for i, _ in g]
+    q_groups, g_groups = [key[i] for i, _ in q], [key[i] for i, _ in g]
+    matched = sum(k in set(g_groups) for k in dict.fromkeys(q_groups))
+    if not matched:
+        from .errors import DataError
+
+        raise DataError(f"{queries.source or 'the queries'}: none of its {len(set(q_groups))} photos is among the "
+                        f"photos of {gallery.source or 'the gallery'} (compared by content): the queries must "
+                        "caption the same photos as --data")
+    if matched < len(set(q_groups)):
+        import logging
+
+        logging.getLogger(__name__).warning("%s: %d of its %d photos are not among the gallery's; their captions are "
+                                            "left out", queries.source, len(set(q_groups)) - matched,
+                                            len(set(q_groups)))
+        q = [(i, c) for i, c in q if key[i] in set(g_groups)]
+        q_texts, q_groups = [c for _, c in q], [key[i] for i, _ in q]
+    for name in ("teacher", "student"):
+        out[name]["queries_matched"] = len(q_texts)
     t_q, t_g = embed_texts(teacher, q_texts), embed_texts(teacher, g_texts)
     s_q = embed_texts(student, q_texts) if s_has_txt else t_q
     s_g = embed_texts(student, g_texts) if s_has_txt else t_g
     out["teacher"].update(cross_lingual_recall(t_q, q_groups, t_g, g_groups))
     out["student"].update(cross_lingual_recall(s_q, q_groups, s_g, g_groups))
     if getattr(teacher, "has_image", False):
-        photos = list(dict.fromkeys(i for i, _ in g))
+        first: dict[str, str] = {}
+        for i, _ in g:
+            first.setdefault(key[i], i)
+        photos = list(first.values())  # one path per photo
         t_img = embed_images(teacher, photos)
         s_img = embed_images(student, photos) if s_has_img else t_img
-        groups = [key(p) for p in photos]
+        groups = [key[p] for p in photos]
         for name, txt, img in (("teacher", t_q, t_img), ("student", s_q, s_img)):
             r = cross_lingual_recall(txt, q_groups, img, groups)
             out[name].update({f"t2i_{k}": v for k, v in r.items()})

@@ -272,7 +272,8 @@ def gate_failures(result: dict[str, Any], gate: tuple[float, float]) -> list[str
 # -- entry point ---------------------------------------------------------------------------------------
 def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence[str] | None = None,
            data: Any = None, dtype: str = "fp32", quantization: str = "dynamic", threshold: float | None = None,
-           gate: bool = True, opset: int = OPSET, low_threshold: float | None = None) -> ExportResult:
+           gate: bool = True, opset: int = OPSET, low_threshold: float | None = None,
+           overwrite: bool = False, inputs: dict[str, Any] | None = None) -> ExportResult:
     """Export a student (object or saved folder) to ``out``.
 
     Args:
@@ -286,18 +287,29 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         threshold / low_threshold: minimum mean / 1st-percentile cosine to the PyTorch student
             (default per format, see :data:`GATES`).
         gate: raise :class:`ExportGateError` when under a gate (the parity table is written anyway).
+        overwrite: replace another clip-distill artifact at ``out`` (never the student's own folder or
+            one that holds an input; a folder with other files is always refused).
+        inputs: other files or folders the export reads (``{what: path}``), which ``out`` must not hold.
+
+    ``out`` is written whole: the export is built in a staging folder beside it and takes its place when
+    complete. An export that fails its gate is left at ``out`` only when nothing was there before.
 
     Example:
         >>> export("runs/vit_tiny/student", "export/vit_tiny_int8", format="onnx-int8", data="val.csv")
         >>> export(paired, "export/oc", format="open_clip")  # open_clip.create_model_and_transforms("local-dir:export/oc")
     """
+    from .outputs import claim, staged
     from .students import load_student
 
     if format not in FORMATS:
         raise ExportError(f"format {format!r}: use one of {FORMATS}")
+    source = None
     if not hasattr(student, "encode_image"):
+        source = student
         student = load_student(student)
-    student = student.cpu().float().eval() if format != "safetensors" else student
+    inputs = {"the student being exported": source, "the parity data": data if isinstance(data, (str, Path)) else None,
+              **(inputs or {})}
+    student = copy.deepcopy(student).cpu().float().eval() if format != "safetensors" else student
     have = [t for t in ("image", "text") if getattr(student, t) is not None]
     if towers and format in INTEROP:
         raise ExportError(f"--towers applies to safetensors and ONNX; the {format} format takes the towers it holds")
@@ -306,6 +318,7 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
     if missing:
         raise ExportError(f"--towers {','.join(towers)}: the student has no {' or '.join(missing)} tower (it has {have})")
     out = Path(out)
+    held = claim(out, f"a {format} export", inputs, overwrite=overwrite)
     if format == "safetensors":
         dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
         if dtype not in dtypes:
@@ -313,33 +326,51 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         kept = copy.deepcopy(student)
         for t in set(have) - set(towers):
             setattr(kept, t, None)
-        kept.save(out, dtype=dtypes[dtype])
-        return ExportResult(out, format, {f.name: f.stat().st_size for f in out.rglob("*") if f.is_file()})
+        with staged(out) as tmp:
+            kept.write(tmp, dtype=dtypes[dtype])
+        return ExportResult(out, format, _files(out))
 
-    out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {}
-    if format in INTEROP:  # float32 copies of the same weights: any layout error shows on every sample
-        images, texts, rows = calibration_inputs(student, data, stand_ins=8)
-        result = _export_interop(format, student, out, images, texts, rows)
-    else:
-        static = format == "onnx-int8" and quantization == "static" and "image" in towers
-        images, texts, rows, calibration = _onnx_inputs(student, data, static)
-        _write_onnx(student, out, format, towers, calibration, static, opset)
-        result = parity(student, out, images if "image" in towers else None, texts if "text" in towers else None, rows)
-        if static:
-            extra["calibration"] = {"images": len(calibration), "parity_images": len(images), "disjoint": True}
     limits = GATES[format]
     limits = (limits[0] if threshold is None else threshold, limits[1] if low_threshold is None else low_threshold)
-    result.update(extra)
-    write_json(out / "parity.json", {"format": format, "threshold": limits[0], "low_threshold": limits[1],
-                                     "low_statistic": "1st-percentile cosine", **result})
-    atomic_write_text(out / "parity.md", _parity_table(format, limits, result))
-    files = {str(f.relative_to(out)): f.stat().st_size for f in out.rglob("*") if f.is_file()}
-    bad = gate_failures(result, limits)
-    if bad and gate:
-        raise ExportGateError(f"{out}: {format} export fails the accuracy gate: {'; '.join(bad)} against the PyTorch "
-                              f"student (table in {out / 'parity.md'}). {_GATE_HINTS.get(format, '')}")
-    return ExportResult(out, format, files, result)
+    with staged(out) as tmp:
+        result = _write_checked(student, tmp, format, towers, data, quantization, opset)
+        write_json(tmp / "parity.json", {"format": format, "threshold": limits[0], "low_threshold": limits[1],
+                                         "low_statistic": "1st-percentile cosine", **result})
+        atomic_write_text(tmp / "parity.md", _parity_table(format, limits, result))
+        if format == "open_clip":
+            from .interop.open_clip import relocate
+
+            relocate(tmp, out)  # the paths open_clip reads point where the folder is about to be
+        bad = gate_failures(result, limits) if gate else []
+        if bad and held is not None:  # a failed export never replaces one that was there
+            raise _gate_error(out, format, bad, f"{out} still holds the previous export")
+    if bad:
+        raise _gate_error(out, format, bad, f"table in {out / 'parity.md'}")
+    return ExportResult(out, format, _files(out), result)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+
+
+def _write_checked(student: Any, folder: Path, format: str, towers: Sequence[str], data: Any, quantization: str,
+                   opset: int) -> dict[str, Any]:
+    """Write ``format`` into ``folder`` and compare it, loaded by its own runtime, with the student."""
+    if format in INTEROP:  # float32 copies of the same weights: any layout error shows on every sample
+        images, texts, rows = calibration_inputs(student, data, stand_ins=8)
+        return _export_interop(format, student, folder, images, texts, rows)
+    static = format == "onnx-int8" and quantization == "static" and "image" in towers
+    images, texts, rows, calibration = _onnx_inputs(student, data, static)
+    _write_onnx(student, folder, format, towers, calibration, static, opset)
+    result = parity(student, folder, images if "image" in towers else None, texts if "text" in towers else None, rows)
+    if static:
+        result["calibration"] = {"images": len(calibration), "parity_images": len(images), "disjoint": True}
+    return result
+
+
+def _gate_error(out: Path, format: str, bad: list[str], where: str) -> ExportGateError:
+    return ExportGateError(f"{out}: {format} export fails the accuracy gate: {'; '.join(bad)} against the PyTorch "
+                           f"student ({where}). {_GATE_HINTS.get(format, '')}")
 
 
 _GATE_HINTS = {fmt: "Try onnx-fp16, static INT8 with --data, or --threshold / --low-threshold if you accept the loss."

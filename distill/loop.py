@@ -58,6 +58,8 @@ _NOT_RUN_FIELDS = {
     "cache": ("dir", "allow_stale"),
 }
 RUN_FILES = ("log.jsonl", "health.jsonl", "skipped.jsonl", "run.json")
+# what a run writes in its output folder (and train.overwrite deletes): no input may live there
+RUN_PATHS = (*RUN_FILES, "recipe.yaml", "checkpoints", "student", "model", "features")
 
 
 def lr_at(step: int, cfg) -> float:
@@ -138,12 +140,63 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} there vs {b!r} now"]
 
 
-def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: bool = True) -> Path | None:
+def recipe_inputs(recipe: Recipe) -> dict[str, str]:
+    """``{what: path}`` of every file or folder a recipe names that exists (teacher and student folders and
+    weights, tokenizers, data, packed store, cache): what a run reads and must never write over."""
+    from .outputs import inputs_of
+
+    return inputs_of({f"what {key} names": value for key, value in (
+        ("teacher.name", recipe.teacher.name), ("teacher.pretrained", recipe.teacher.pretrained),
+        ("teacher.kwargs", recipe.teacher.kwargs), ("student.name", recipe.student.name),
+        ("student.kwargs", recipe.student.kwargs), ("data.train", recipe.data.train),
+        ("data.packed", recipe.data.packed), ("cache.dir", recipe.cache.dir))})
+
+
+def run_inputs(source: Any, rows: Rows, teacher: Any = None, service: Any = None) -> dict[str, str]:
+    """``{what: path}`` a run reads beyond its recipe: the data it was given, the folders its images are in,
+    the folder of a teacher object and the cache of a teacher service."""
+    from .outputs import image_folders, inputs_of
+
+    return inputs_of({"the training data": source if isinstance(source, (str, Path)) else None,
+                      "an image folder of the data": image_folders(rows.images),
+                      "the teacher": [getattr(teacher, "path", None), getattr(teacher, "name", None)],
+                      "the teacher cache": getattr(service, "dir", None)})
+
+
+def check_output_dir(output_dir: Path, inputs: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse an output folder that holds another kind of artifact (a cache, an export, a saved model), that
+    holds one of the run's inputs (unless ``train.overwrite``: the run is written beside it), or where the
+    files a run writes (and ``train.overwrite`` deletes) would hold one."""
+    from .outputs import RUN, describe, inputs_within, written_by_us
+
+    found = inputs_within(output_dir, inputs)
+    if found and not overwrite:
+        what, path = found[0]
+        raise RunConflictError(f"train.output_dir: {output_dir} holds {what} ({path}), an input of this run: choose "
+                               "another train.output_dir, or train.overwrite=true to write the run beside it (the "
+                               "input is left as it is)")
+    for name in RUN_PATHS:
+        found = inputs_within(output_dir / name, inputs)
+        if found:
+            what, path = found[0]
+            raise RunConflictError(f"train.output_dir: {output_dir / name} is or holds {what} ({path}), an input of "
+                                   f"this run, and a run writes its {name} there: choose another train.output_dir")
+    held = describe(output_dir)
+    if held != RUN and written_by_us(held):
+        raise RunConflictError(f"train.output_dir: {output_dir} holds {held}; a run goes into an empty folder or one "
+                               "of its own runs: choose another train.output_dir")
+
+
+def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: bool = True,
+                     inputs: dict[str, Any] | None = None) -> Path | None:
     """Make ``output_dir`` this run's: returns the checkpoint to resume from (or None to start).
 
     A folder that holds work (checkpoints, logs, a saved model) is resumed only with ``train.resume``
     and only when its checkpoints record this same run; ``train.overwrite`` deletes that work first.
-    Anything else stops with RunConflictError, naming what differs. Only the main process writes."""
+    A folder holding another kind of artifact, or whose run files would hold one of ``inputs``, is
+    refused (``check_output_dir``). Anything else stops with RunConflictError, naming what differs.
+    Only the main process writes."""
+    check_output_dir(output_dir, inputs or {}, train_cfg.overwrite)
     root = output_dir / "checkpoints"
     ckpts = list_checkpoints(root)
     work = [output_dir / f for f in RUN_FILES[:1] if (output_dir / f).exists()] + ckpts
@@ -156,7 +209,7 @@ def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: boo
             log.warning("train.overwrite: deleting the previous run in %s", output_dir)
             for f in RUN_FILES:
                 (output_dir / f).unlink(missing_ok=True)
-            for d in (root, output_dir / "student", output_dir / "model"):
+            for d in (root, output_dir / "student", output_dir / "model"):  # features/ is keyed: kept
                 shutil.rmtree(d, ignore_errors=True)
         ckpts, work = [], []
     if not work:
@@ -315,13 +368,17 @@ class TrainLoop:
         skips: the run's SkipLog; ``rows`` the dataset's rows (batch ``skipped`` entries index them).
         hooks: called with the step number on the main process after each step.
         data_hint: what would make loading faster for this run (said once if loading is slow).
+        inputs: ``{what: path}`` the run reads besides what its recipe names (image folders, a teacher
+            object's folder): the output folder must not hold them where the run writes.
     """
 
     def __init__(self, recipe: Recipe, modules: nn.Module, make_loader: Callable[[int, int, int], Iterator],
                  run: dict[str, Any] | None = None, rows: Rows | None = None, skips: SkipLog | None = None,
                  images_per_batch: Callable[[dict[str, Any]], int] = lambda b: len(b["captions"]),
-                 hooks: Sequence[Callable[[int], Any]] = (), data_hint: str = ""):
+                 hooks: Sequence[Callable[[int], Any]] = (), data_hint: str = "",
+                 inputs: dict[str, Any] | None = None):
         self.cfg = recipe
+        self.inputs = {**recipe_inputs(recipe), **(inputs or {})}
         self.modules = modules
         self.make_loader = make_loader
         self.run_info = run or run_identity(recipe)
@@ -344,7 +401,7 @@ class TrainLoop:
         outcome: tuple[str, str] = ("ok", "")
         if dist.is_main():
             try:
-                found = claim_output_dir(self.output_dir, t, self.run_info)
+                found = claim_output_dir(self.output_dir, t, self.run_info, inputs=self.inputs)
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 if found is not None:
                     step = int(read_json(found / "state.json")["step"])

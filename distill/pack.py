@@ -44,11 +44,10 @@ class PackSummary:
 
 
 def pack_images(source: Any, out: str | os.PathLike, size: int = 224, shard_size: int = 8192,
-                workers: int | None = None, progress: bool = True) -> PackSummary:
-    """Decode the unique images of ``source`` once into a packed store at ``out``."""
-    from tqdm.auto import tqdm
-
-    from .io import atomic_write
+                workers: int | None = None, progress: bool = True, overwrite: bool = False) -> PackSummary:
+    """Decode the unique images of ``source`` once into a packed store at ``out`` (a new folder, or with
+    ``overwrite`` one holding another clip-distill artifact; never one that holds the images)."""
+    from .outputs import claim, image_folders, inputs_of, staged
 
     rows = as_rows(source)
     paths = list(dict.fromkeys(p for p in rows.images if p))
@@ -56,8 +55,22 @@ def pack_images(source: Any, out: str | os.PathLike, size: int = 224, shard_size
         from .errors import DataError
 
         raise DataError(f"{rows.source}: no images to pack")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "a packed image store", inputs_of({"the data": source if isinstance(source, (str, os.PathLike)) else None,
+                                                  "an image folder of the data": image_folders(paths)}),
+          overwrite=overwrite)
+    with staged(out) as tmp:
+        summary = _pack(paths, tmp, size, shard_size, workers, progress)
+    if summary.skipped:
+        log.warning("pack: %d unreadable images skipped (listed in %s)", len(summary.skipped), Path(out) / "index.json")
+    return PackSummary(Path(out), summary.images, summary.skipped, summary.bytes)
+
+
+def _pack(paths: list[str], out: Path, size: int, shard_size: int, workers: int | None,
+          progress: bool) -> PackSummary:
+    from tqdm.auto import tqdm
+
+    from .io import atomic_write
+
     index: dict[str, list[int]] = {}
     skipped, shard, buf, total = [], 0, [], 0
 
@@ -84,8 +97,6 @@ def pack_images(source: Any, out: str | os.PathLike, size: int = 224, shard_size
     flush()
     write_json(out / "index.json", {"format": PACK_FORMAT, "size": size, "shards": shard, "images": index,
                                     "skipped": skipped})
-    if skipped:
-        log.warning("pack: %d unreadable images skipped (listed in %s)", len(skipped), out / "index.json")
     return PackSummary(out, len(index), skipped, total)
 
 

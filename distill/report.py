@@ -52,20 +52,31 @@ def _loss_history(run_dir: Path | None) -> list[dict[str, float]]:
 def write_report(results: dict[str, Any], out_dir: str | Path, run_dir: str | Path | None = None,
                  title: str = "Student vs teacher") -> Path:
     """Write ``report.md``, ``results.json`` and ``loss.png`` / ``per_class.png`` / ``cosine_hist.png``
-    (those with data) into ``out_dir``; returns the report path."""
+    (those with data) into ``out_dir``, a new folder or an earlier report, replaced whole; returns the
+    report path."""
+    from .outputs import REPORT, claim, staged
+
+    claim(out_dir, "an evaluation report", same=(REPORT,))
+    with staged(out_dir) as tmp:
+        _write_report(results, tmp, run_dir, title)
+    return Path(out_dir) / "report.md"
+
+
+NOT_LOSS = ("step", "lr", "elapsed_s", "data_wait", "stage")  # log.jsonl fields that are not loss terms
+
+
+def _write_report(results: dict[str, Any], out: Path, run_dir: str | Path | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     md = [f"# {title}", "", format_table(results, markdown=True), ""]
     history = _loss_history(Path(run_dir) if run_dir else None)
     if history:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        keys = [k for k in history[0] if k not in ("step", "lr")]
+        keys = [k for k in history[0] if k not in NOT_LOSS]
         for k in keys:
             ax.plot([h["step"] for h in history], [h.get(k) for h in history], label=k)
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("training loss")
@@ -92,4 +103,3 @@ def write_report(results: dict[str, Any], out_dir: str | Path, run_dir: str | Pa
         fig.tight_layout(), fig.savefig(out / "cosine_hist.png", dpi=100), plt.close(fig)
         md += ["## Student-teacher cosine", "", "![cosines](cosine_hist.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    return out / "report.md"

@@ -57,6 +57,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def check_schedule(model: Any, schedule: Sequence[Any]) -> None:
+    """Every stage must be one ``model`` can run: image modes need an image tower (patch masks a ViT), text
+    modes a text tower. Checked before the first step, so a later stage cannot fail after hours."""
+    for i, stage in enumerate(schedule):
+        at = f"train.schedule[{i}]"
+        img, txt = stage.image_tokens, stage.text_tokens
+        image = getattr(model, "image", None)
+        if img.mode and image is None:
+            raise RecipeError(f"{at}.image_tokens.mode: {img.mode} reduces image tokens, and this model has no image "
+                              "tower")
+        if img.mode in ("random", "grid", "block") and _timm_vit(getattr(image, "trunk", None)) is None:
+            kind = type(getattr(image, "trunk", image)).__name__
+            raise RecipeError(f"{at}.image_tokens.mode: {img.mode} drops patch tokens, which needs a ViT student ({kind} "
+                              "is not one); convolutional students support mode: resize only")
+        if txt.mode and getattr(model, "text", None) is None:
+            raise RecipeError(f"{at}.text_tokens.mode: {txt.mode} reduces text tokens, and this model has no text "
+                              "tower")
+
+
 # -- images ------------------------------------------------------------------------------------------
 def patch_indices(mode: str, grid: tuple[int, int], keep: float, batch: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:

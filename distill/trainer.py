@@ -19,8 +19,9 @@ from .config import DEFAULT_TEACHER, Recipe, apply_options
 from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
 from .errors import (CacheError, CacheMismatchError, DataError, DataNotFoundError, FileFormatError, MissingFileError,
                      RecipeError, UnknownNameError)
-from .loop import (FitResult, NonFiniteLossError, TrainLoop, data_fingerprint, image_reader,  # noqa: F401
-                   lr_at, make_loader_factory, make_optimizer, run_identity, seed_everything)
+from .loop import (FitResult, NonFiniteLossError, TrainLoop, check_output_dir, data_fingerprint,  # noqa: F401
+                   image_reader, lr_at, make_loader_factory, make_optimizer, recipe_inputs, run_identity, run_inputs,
+                   seed_everything)
 from .losses import DistillLoss, Embeddings
 from .transforms import normalize
 
@@ -142,12 +143,14 @@ class Distiller:
 
     def _prepare_cache(self, rows: Rows, teacher):
         """The cache with every row of ``rows`` in it: rows it lacks are encoded first ("cache-through")
-        by the given or named teacher, never by one the user did not name. Returns (cache, lookup, teacher)."""
+        by the given or named teacher, never by one the user did not name. Returns (cache, lookup, teacher).
+        Only the embeddings the teacher has are looked up (a text-only teacher writes no image's)."""
         from .cache import EmbeddingCache, TeacherService, lookup, missing_error
 
         r, path, cache = self.recipe, Path(self.cache_dir), self._cache
         text = not self._text_from_image  # captions learnt onto images need no caption embeddings
-        found = lookup(rows, cache, progress=r.train.progress, text=text) if cache is not None else None
+        image = rows.has_images and self._teacher_towers(teacher)[0]
+        found = lookup(rows, cache, progress=r.train.progress, text=text, image=image) if cache is not None else None
         if found is None or found.missing:
             if teacher is None:
                 if not self._named:
@@ -167,13 +170,36 @@ class Distiller:
             todo = rows if found is None else rows.subset(found.missing)
             if not text:
                 todo.teacher_texts = [None] * len(todo)  # the teacher reads no caption
+            if not image:
+                todo.images = [None] * len(todo)  # nor any image
             service.build(todo, **policy)
             cache = self._cache = EmbeddingCache.open(path)
-            found = lookup(rows, cache, progress=False, text=text)
+            found = lookup(rows, cache, progress=False, text=text, image=image)
             if found.missing:  # the build encodes or skips (with a reason) every row it is given
                 raise CacheError(f"{path}: {len(found.missing)} rows are still missing after the build")
         self._check_views(cache)
         return cache, found, teacher
+
+    def _teacher_towers(self, teacher) -> tuple[bool, bool, str]:
+        """(has an image tower, has a text tower, who) of the teacher, or of the cache's when none is loaded."""
+        if teacher is not None:
+            return teacher.has_image, teacher.has_text, f"the teacher {teacher.name!r}"
+        m = self._cache.manifest
+        return m.get("preprocess") is not None, True, \
+            f"the cache's teacher {m['teacher'].get('backend')}:{m['teacher'].get('name')!r}"
+
+    def _check_towers(self, teacher, student) -> None:
+        """The teacher must give an embedding for every tower the student learns, before any data is read."""
+        has_image, has_text, who = self._teacher_towers(teacher)
+        if self._text_from_image and not has_image:
+            raise RecipeError(f"data.text_target: image learns captions onto the teacher's image embeddings, and {who} "
+                              "has no image tower: use data.text_target: caption")
+        if student.image is not None and not has_image:
+            raise RecipeError(f"student.name: the student has an image tower and {who} has none (it reads text "
+                              "only): distil a text student, or name a teacher with an image tower")
+        if student.text is not None and not self._text_from_image and not has_text:
+            raise RecipeError(f"student.name: the student has a text tower and {who} has none: distil an image "
+                              "student, or learn captions onto images with data.text_target: image")
 
     def _check_views(self, cache) -> None:
         """The stored random views must be the crops the recipe asks for (data.crop_scale, data.flip)."""
@@ -223,11 +249,15 @@ class Distiller:
         if self._text_from_image and not (rows.has_images and rows.has_text):
             raise RecipeError("data.text_target: image learns captions onto their images' embeddings; the data "
                               f"({rows.source}) needs images and captions")
+        self._check_towers(teacher, student)
+        tokens.check_schedule(student, r.train.schedule)
         # the rules of `distill data check`: in data with images, a row without one is left out, as is
         # a row without a caption in data with captions
         keep, why = split_usable(rows, need_image=rows.has_images, need_caption=rows.has_text)
         skipped = [(rows, i, reason) for i, reason in why.items()]
         rows = rows.subset(keep)
+        inputs = {**recipe_inputs(r), **run_inputs(source, rows, teacher, self._service)}
+        check_output_dir(Path(r.train.output_dir), inputs, r.train.overwrite)  # before any work: a cache build takes long
         keys = None
         if self.cache_dir and len(rows):
             cache, found, teacher = self._prepare_cache(rows, teacher)
@@ -260,7 +290,8 @@ class Distiller:
                            data=data_fingerprint(train_rows, train_keys, progress=r.train.progress))
         loop = TrainLoop(r, step_module,
                          make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed, workers, pin, lengths),
-                         run=run, rows=train_rows, data_hint=_data_hint(r, rows.has_images, bool(self.cache_dir)))
+                         run=run, rows=train_rows, data_hint=_data_hint(r, rows.has_images, bool(self.cache_dir)),
+                         inputs=inputs)
         loop.claim()  # before anything is written into the output folder
         out = Path(r.train.output_dir)
         loop.skips = SkipLog(out / "skipped.jsonl", write=dist.is_main(), resume=loop.resume_from is not None)

@@ -42,8 +42,8 @@ from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usabl
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
 from .io import load_tensors, save_tensors
-from .loop import (FitResult, TrainLoop, data_fingerprint, image_reader, make_loader_factory, run_identity,
-                   seed_everything)
+from .loop import (FitResult, TrainLoop, check_output_dir, data_fingerprint, image_reader, make_loader_factory,
+                   recipe_inputs, run_identity, run_inputs, seed_everything)
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
 from .transforms import normalize
 
@@ -372,6 +372,8 @@ class Tuner:
         if r.data.group_by_length:
             raise RecipeError("data.group_by_length: batches by caption length for distillation (distill fit); "
                               "contrastive tuning takes its negatives from random batches: set it to false")
+        tokens.check_schedule(model, r.train.schedule)
+        check_output_dir(Path(r.train.output_dir), {**recipe_inputs(r), **run_inputs(source, rows)}, r.train.overwrite)
         keep, why = split_usable(rows, need_image=True, need_caption=True)
         skipped = [(rows, i, reason) for i, reason in why.items()]
         rows = rows.subset(keep)
@@ -391,7 +393,8 @@ class Tuner:
         data_id = data_fingerprint(rows, progress=r.train.progress)
         run = run_identity(r, model=model.config(), data=data_id)
         loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
-                                                      r.data.num_workers, pin), run=run, rows=rows)
+                                                      r.data.num_workers, pin), run=run, rows=rows,
+                         inputs=run_inputs(source, rows))
         loop.claim()  # before anything is written into the output folder
         loop.skips = SkipLog(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
                              resume=loop.resume_from is not None)

@@ -23,6 +23,7 @@ from .errors import RecipeError
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODELS = ("wordpiece", "bpe", "unigram")
+MAX_VOCAB = 1 << 20
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 16000, model: str = "wordpiece",
@@ -37,6 +38,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 16000, model: str = 
         raise RecipeError(f"--normalize: {normalization!r} is not nfc or nfkc")
     if vocab_size < len(SPECIALS) + 2:
         raise RecipeError(f"--vocab: {vocab_size} is too small")
+    if vocab_size > MAX_VOCAB:  # tokenizers allocates for the asked size up front (and aborts the process)
+        raise RecipeError(f"--vocab: {vocab_size} is over {MAX_VOCAB:,} tokens; BERT-sized models use 30,000-250,000")
     unicode = normalizers.NFC() if normalization == "nfc" else normalizers.NFKC()
     # BertNormalizer: control characters out, spaces around CJK characters (one token each), accents kept
     norm = normalizers.Sequence([unicode, normalizers.BertNormalizer(
@@ -89,18 +92,36 @@ def load_tokenizer(folder: str | os.PathLike):
 
 def new_pieces(base, trained, lowercase: bool = False) -> list[str]:
     """Pieces of ``trained`` that ``base`` lacks and can only spell through stripped accents or [UNK]
-    (they hold a non-ASCII character): adding just these leaves ASCII text tokenized as before.
+    (they hold a non-ASCII character), in WordPiece's convention (``##`` marks a piece inside a word):
+    adding just these leaves ASCII text tokenized as before. Unigram / SentencePiece vocabularies (``▁``
+    marks a word's start) are converted, and every non-ASCII character of ``trained`` is added as a word
+    start and as a continuation, so any word of its alphabet can be spelled without [UNK].
     ``lowercase``: the base is uncased, so the pieces are lowercased (and merged) first."""
     import unicodedata
 
+    vocab = trained.get_vocab()
+    pieces = [p for p in sorted(vocab, key=vocab.get) if p not in SPECIALS]
+    if any(p.startswith("Ġ") for p in pieces):
+        raise RecipeError("student.kwargs.extend_vocab: a byte-level BPE vocabulary (GPT-2 style) cannot grow a "
+                          "WordPiece one; train the tokenizer with `distill tokenizer train` (wordpiece, bpe or unigram)")
+    metaspace = any(p.startswith("▁") for p in pieces)
     have = set(base.get_vocab())
     out: dict[str, None] = {}
-    for piece in sorted(trained.get_vocab(), key=trained.get_vocab().get):
-        if piece in SPECIALS or piece.startswith("▁"):
-            continue
+
+    def add(piece: str) -> None:
         piece = unicodedata.normalize("NFC", piece.lower() if lowercase else piece)
-        if piece not in have and any(ord(ch) > 127 for ch in piece):
+        if piece not in ("", "##") and piece not in have and any(ord(ch) > 127 for ch in piece):
             out[piece] = None
+
+    chars: dict[str, None] = {}
+    for piece in pieces:
+        if metaspace:  # "▁word" starts a word, any other piece continues one
+            piece = piece[1:] if piece.startswith("▁") else "##" + piece
+        add(piece)
+        chars.update(dict.fromkeys(ch for ch in piece.removeprefix("##") if ord(ch) > 127))
+    for ch in chars:
+        add(ch)
+        add("##" + ch)
     return list(out)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_problem
-from ..errors import CacheError, CacheMismatchError
+from ..errors import CacheError, CacheMismatchError, RunConflictError
 from ..io import atomic_write_bytes, read_json, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
 from .keys import image_keys, text_key
@@ -178,11 +178,12 @@ class TeacherService:
         failure = None
         if rank == 0:  # before the other processes write anything
             try:
+                self._check_place(rows)
                 self._check_writable()
                 for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
                     tmp.unlink(missing_ok=True)
                 manifest = self._start_manifest(views, seed, scale, ratio, flip)
-            except CacheError as e:
+            except (CacheError, RunConflictError) as e:
                 failure = e
         failure = dist.broadcast_object(failure)  # every process stops with the main one's message
         if failure is not None:
@@ -213,6 +214,15 @@ class TeacherService:
         summary.images_per_s = summary.images_encoded * views / max(summary.image_seconds, 1e-9)
         log.info(summary.line())
         return summary
+
+    def _check_place(self, rows: Rows) -> None:
+        """The cache folder must be empty or a cache, and hold none of what the build reads."""
+        from ..outputs import CACHE, claim, image_folders, inputs_of
+
+        inputs = inputs_of({"the data": rows.source, "an image folder of the data": image_folders(rows.images),
+                            "the packed store": getattr(self.reader, "folder", None),
+                            "the teacher": [getattr(self.teacher, "path", None), getattr(self.teacher, "name", None)]})
+        claim(self.dir, "a teacher cache", inputs, key="cache folder", same=(CACHE,))
 
     def _check_writable(self) -> None:
         """Fail before any encoding when the folder cannot be written (a read-only disk, a typo)."""

@@ -32,15 +32,15 @@ class Lookup:
         return [i for i in range(len(self.image_keys)) if i not in gone]
 
 
-def lookup(rows: Rows, cache: EmbeddingCache, progress: bool = True, text: bool = True) -> Lookup:
+def lookup(rows: Rows, cache: EmbeddingCache, progress: bool = True, text: bool = True, image: bool = True) -> Lookup:
     """Keys of ``rows`` in ``cache`` (images by content: however their paths are spelled; captions by
-    the text the teacher reads). ``text=False``: the run needs no caption embeddings."""
-    paths = list(dict.fromkeys(p for p in rows.images if p))
+    the text the teacher reads). ``text=False`` / ``image=False``: the run needs no caption / image embeddings."""
+    paths = list(dict.fromkeys(p for p in rows.images if p)) if image else []
     keys, located = image_keys(paths, cache.key_index, progress=progress)
     by_path = dict(zip(paths, keys))
     exists = {p: st is not None for p, (_, st) in zip(paths, located)}
     texts = rows.teacher_texts if rows.teacher_texts is not None else rows.captions
-    out = Lookup([by_path[p] if p else None for p in rows.images],
+    out = Lookup([by_path[p] if p and image else None for p in rows.images],
                  [text_key(c) if c and text else None for c in texts])
     for i, (k, t) in enumerate(zip(out.image_keys, out.text_keys)):
         if k is not None and k.startswith(MISSING):

@@ -10,10 +10,13 @@ whose three match is keyed from that record without being read (``KeyIndex``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
+
+log = logging.getLogger(__name__)
 
 KEY_CHARS = 20  # hex digits: 80 bits, no collision in any realistic data set
 MISSING = "missing:"  # prefix of the key of a file that could not be read (kept per path, so a later build retries it)
@@ -94,13 +97,34 @@ class KeyIndex:
         return {key: p for p, (_, _, key) in self._known.items()}
 
 
+SAMPLE = 16  # files whose recorded key is checked against their bytes at every lookup
+
+
+def _recorded_keys_hold(paths: Sequence[str], keys: Sequence[str | None], sample: int) -> bool:
+    """Re-hash a random ``sample`` of the files keyed from a record: False (and a warning naming one) when a
+    file's bytes changed although its size and mtime did not (an in-place edit that restored them)."""
+    import random
+
+    known = [i for i, k in enumerate(keys) if k is not None and "::" not in paths[i] and not paths[i].startswith("hf://")]
+    for i in random.SystemRandom().sample(known, min(sample, len(known))):
+        if content_key(paths[i]) != keys[i]:
+            log.warning("%s: its content changed since the cache recorded it, with the same size and modification "
+                        "time; every image is hashed again", paths[i])
+            return False
+    return True
+
+
 def image_keys(paths: Sequence[str], index: KeyIndex | None = None, progress: bool = True,
-               workers: int = 8) -> tuple[list[str], list[tuple[str, tuple[int, int] | None]]]:
-    """Keys of ``paths`` (content hashes; from ``index`` when a file's real path, size and mtime match),
-    and each path's (real path, stat) so a build can record them."""
+               workers: int = 8, sample: int = SAMPLE) -> tuple[list[str], list[tuple[str, tuple[int, int] | None]]]:
+    """Keys of ``paths`` (content hashes; from ``index`` when a file's real path, size and mtime match, with
+    ``sample`` of those checked against their bytes), and each path's (real path, stat) so a build can
+    record them. A file edited in place with its size and mtime restored, outside the sample, keeps its
+    old key: ``distill cache verify --teacher`` re-encodes samples to find it."""
     index = index or KeyIndex()
     located = [locate(p) for p in paths]
     keys: list[str | None] = [index.get(real, st) for real, st in located]
+    if not _recorded_keys_hold(paths, keys, sample):
+        keys = [None] * len(paths)  # a file changed behind its size and mtime: trust no record, hash them all
     todo = [i for i, k in enumerate(keys) if k is None]
     if todo:
         from tqdm.auto import tqdm

@@ -218,13 +218,21 @@ class EmbeddingCache:
         return self._gather(self._texts, self.text_index, keys)
 
     def _gather(self, arrays, index, keys, views=None) -> torch.Tensor:
-        """One fancy-indexed memmap read per shard touched by the batch."""
+        """One fancy-indexed memmap read per shard touched by the batch; every row read is checked (a
+        damaged one names its shard and row instead of becoming a training target)."""
         out = np.empty((len(keys), self.embed_dim), np.float32)
         loc = [index[k] for k in keys]
         for s in sorted({s for s, _ in loc}):
             pos = [i for i, (si, _) in enumerate(loc) if si == s]
             rows = [loc[i][1] for i in pos]
             out[pos] = arrays[s][rows] if views is None else arrays[s][rows, [views[i] for i in pos]]
+        bad = bad_rows(out)
+        if bad.any():
+            s, r = loc[int(np.argmax(bad))]
+            kind = "images" if arrays is self._images else "texts"
+            shard = self.manifest["shards"][kind][s]["name"]
+            raise damaged(self.path / kind / f"{shard}.npy", read_meta(self.path / kind / f"{shard}.json"), r,
+                          out[int(np.argmax(bad))])
         return torch.from_numpy(out)
 
     def info(self) -> str:
@@ -250,9 +258,16 @@ class EmbeddingCache:
         for kind in KINDS:
             for shard in self.manifest["shards"].get(kind, []):
                 base = self.path / kind / shard["name"]
+                own = read_meta(base.with_suffix(".json")).get("sha256") or {}  # the shard's own record
                 for part, f in shard_files(base, kind).items():
                     want = (shard.get("sha256") or {}).get(part)
-                    if want and file_digest(f) != want:
+                    got = file_digest(f) if want or own.get(part) else None
+                    if want and got != want and got == own.get(part):
+                        problems.append(f"{self.path / 'manifest.json'}: the checksum it records for {f.name} differs "
+                                        "from the shard's own record, which the file matches (the manifest changed "
+                                        "after the build); run `distill cache build` again on the same data to "
+                                        "rewrite it")
+                    elif want and got != want:
                         problems.append(f"{f}: checksum differs from the manifest (the file changed after the build)")
             for shard, a in zip(self.manifest["shards"].get(kind, []), self._images if kind == "images" else self._texts):
                 x = np.asarray(a, dtype=np.float32)
@@ -302,13 +317,32 @@ def _check_views(views: np.ndarray, file: Path, meta: dict[str, Any]) -> None:
                          "damaged: delete it (its .npy and .json files) and run `distill cache build` again")
 
 
+NORM_TOLERANCE = 0.02  # stored embeddings are unit vectors; fp16 rounding moves a norm by ~1e-3
+
+
+def bad_rows(block: np.ndarray) -> np.ndarray:
+    """Mask of the rows of ``block`` ([n, D] or [n, K, D]) that are not finite unit vectors (a flipped
+    exponent bit gives a finite but wrong row)."""
+    x = np.asarray(block, dtype=np.float32)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=-1).reshape(len(x), -1)
+    return ~finite | (np.abs(norms - 1) > NORM_TOLERANCE).any(axis=1)
+
+
+def damaged(file: Path, meta: dict[str, Any], r: int, row: np.ndarray) -> CacheError:
+    what = meta.get("paths", [None] * (r + 1))[r] if meta.get("paths") else None
+    row = np.asarray(row, dtype=np.float64)
+    problem = "NaN/inf teacher embeddings" if not np.isfinite(row).all() else \
+        f"a teacher embedding that is not a unit vector (norm {float(np.linalg.norm(row, axis=-1).max()):.4g})"
+    return CacheError(f"{file}: row {r} ({what or meta['ids'][r]}) holds {problem}; the shard is damaged: delete it "
+                      "(its .npy and .json files) and run `distill cache build` again")
+
+
 def _check_finite(arr: np.ndarray, file: Path, meta: dict[str, Any], chunk: int = 65536) -> None:
-    """Scan a shard for NaN/inf (chunked: memory stays small); name the first bad row."""
+    """Scan a shard for rows that are not finite unit vectors (chunked: memory stays small); name the first."""
     for start in range(0, len(arr), chunk):
-        block = np.asarray(arr[start:start + chunk])
-        ok = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        if not ok.all():
-            r = start + int(np.argmin(ok))
-            what = meta.get("paths", [None] * (r + 1))[r] if meta.get("paths") else None
-            raise CacheError(f"{file}: row {r} ({what or meta['ids'][r]}) holds NaN/inf teacher embeddings; the shard "
-                             "is damaged: delete it (its .npy and .json files) and run `distill cache build` again")
+        block = arr[start:start + chunk]
+        bad = bad_rows(block)
+        if bad.any():
+            raise damaged(file, meta, start + int(np.argmax(bad)), block[int(np.argmax(bad))])

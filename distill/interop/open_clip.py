@@ -152,6 +152,30 @@ def export_open_clip(student: Any, out: Path) -> None:
     save_tensors(out / WEIGHTS, model.state_dict(), metadata={"format": "pt"})
 
 
+def relocate(folder: str | Path, where: str | Path) -> None:
+    """Point the absolute paths of the open_clip export in ``folder`` at ``where``, the place the folder is
+    moved to (open_clip reads ``timm_model_name`` / ``hf_model_name`` as they are written)."""
+    from ..io import read_json
+
+    config = Path(folder) / CONFIG
+    old, new = str(Path(folder).resolve()), str(Path(where).resolve())
+    cfg = read_json(config)
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str):
+            for prefix in ("", "local-dir:"):
+                if value.startswith(prefix + old) and value[len(prefix + old):len(prefix + old) + 1] in ("", "/"):
+                    return prefix + new + value[len(prefix + old):]
+            return value
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value
+
+    write_json(config, moved(cfg))
+
+
 @torch.no_grad()
 def open_clip_parity(out: Path, pixels: torch.Tensor | None, texts: Sequence[str] | None) -> dict[str, Any]:
     """Load ``out`` with open_clip alone; its (normalised) image / text embeddings and its preprocess."""

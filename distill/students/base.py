@@ -241,17 +241,28 @@ class Student(nn.Module):
         return cfg
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (+ ``text/`` HF config and tokenizer)."""
+        """Write ``model.safetensors`` + ``config.json`` (+ ``text/`` HF config and tokenizer) as one folder:
+        a saved model there is replaced whole (the old one stays until the new one is complete); a folder
+        holding anything else is refused."""
+        from ..outputs import SAVED_MODEL, claim, staged
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        claim(path, "a saved model", key=str(path), flag="delete it first", same=(SAVED_MODEL,))
+        with staged(path) as tmp:
+            self.write(tmp, dtype)
+        return path
+
+    def write(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """The files of ``save`` into ``folder`` as it is (no check of what it holds)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if self.text is not None:
-            self.text.save_pretrained(path / "text")
-        save_tensors(path / "model.safetensors", state, metadata={"format": FORMAT})
-        write_json(path / "config.json", self.config())
-        return path
+            self.text.save_pretrained(folder / "text")
+        save_tensors(folder / "model.safetensors", state, metadata={"format": FORMAT})
+        write_json(folder / "config.json", self.config())
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:

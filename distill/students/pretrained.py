@@ -86,9 +86,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001: unpickling errors have many types
-        raise FileFormatError(f"{path}: not a weights file torch can read safely (weights_only=True: "
-                              f"{first_line(e, 160)}); "
-                              "save a plain state dict, or a safetensors file") from None
+        why = ("weights_only=True: it holds Python objects besides tensors, never unpickled: that could run code"
+               if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {first_line(e, 160)}")
+        raise FileFormatError(f"{path}: not a weights file torch can read safely ({why}); save a plain state dict, "
+                              "or a safetensors file") from None
     state = _unwrap(obj)
     if state is None:
         raise FileFormatError(f"{path}: holds no state dict of tensors (found {type(obj).__name__}"

