@@ -169,22 +169,27 @@ def check_output_dir(output_dir: Path, inputs: dict[str, Any], overwrite: bool =
     files a run writes (and ``train.overwrite`` deletes) would hold one."""
     from .outputs import RUN, describe, inputs_within, written_by_us
 
+    for name in RUN_PATHS:  # never, not even with train.overwrite
+        found = inputs_within(output_dir / name, inputs)
+        if found:
+            what, path = found[0]
+            raise RunConflictError(f"train.output_dir: {output_dir / name} is or holds {what} ({path}), an input of "
+                                   f"this run, and a run writes its {name} there: choose another train.output_dir")
     found = inputs_within(output_dir, inputs)
     if found and not overwrite:
         what, path = found[0]
         raise RunConflictError(f"train.output_dir: {output_dir} holds {what} ({path}), an input of this run: choose "
                                "another train.output_dir, or train.overwrite=true to write the run beside it (the "
                                "input is left as it is)")
-    for name in RUN_PATHS:
-        found = inputs_within(output_dir / name, inputs)
-        if found:
-            what, path = found[0]
-            raise RunConflictError(f"train.output_dir: {output_dir / name} is or holds {what} ({path}), an input of "
-                                   f"this run, and a run writes its {name} there: choose another train.output_dir")
     held = describe(output_dir)
     if held != RUN and written_by_us(held):
         raise RunConflictError(f"train.output_dir: {output_dir} holds {held}; a run goes into an empty folder or one "
                                "of its own runs: choose another train.output_dir")
+    taken = [name for name in RUN_PATHS if (output_dir / name).exists()] if held != RUN else []
+    if taken:  # not a run's: a run would write over (with train.overwrite, delete) what someone else put there
+        raise RunConflictError(f"train.output_dir: {output_dir} holds {taken[0]}, and no run of clip-distill wrote it "
+                               f"(there is no run.json): a run writes its {taken[0]} there; choose another "
+                               "train.output_dir")
 
 
 def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: bool = True,

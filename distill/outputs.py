@@ -60,6 +60,26 @@ _KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     (REPORT, lambda d: (d / "report.md").is_file() and (d / "results.json").is_file()),
     ("a tokenizer", lambda d: (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()),
 )
+_TOKENIZER = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model")
+_PARITY = ("parity.json", "parity.md", "README.md")
+# what each kind of artifact writes at its top level: anything else there is someone else's
+_OWNS: dict[str, tuple[str, ...]] = {
+    RUN: ("run.json", "log.jsonl", "health.jsonl", "skipped.jsonl", "recipe.yaml", "checkpoints", "student", "model",
+          "features", "distill", "events.out.tfevents*"),
+    CACHE: ("manifest.json", "images", "texts", "skipped.jsonl"),
+    "an open_clip export": ("open_clip_config.json", "open_clip_model.safetensors", "timm", "text", *_TOKENIZER,
+                            *_PARITY),
+    "a sentence-transformers model": ("modules.json", "config.json", "model.safetensors", "[0-9]_*",
+                                      "sentence_bert_config.json", "config_sentence_transformers.json", *_TOKENIZER,
+                                      *_PARITY),
+    "an ONNX export": ("onnx_config.json", "image.onnx", "text.onnx", "tokenizer", *_PARITY),
+    SAVED_MODEL: ("config.json", "model.safetensors", "text", "eval", *_PARITY),
+    "a timm model": ("config.json", "model.safetensors", *_PARITY),
+    "a packed image store": ("index.json", "images_*.npy"),
+    "a data check": ("clean.jsonl", "rejected.jsonl", "report.json"),
+    REPORT: ("report.md", "results.json", "*.png"),
+    "a tokenizer": _TOKENIZER,
+}
 STAGING = ".distill-staging-"  # prefix of the folders ``staged`` writes into (hidden, beside the target)
 
 
@@ -83,6 +103,14 @@ def describe(folder: str | os.PathLike) -> str | None:
         if test(folder):
             return what
     return f"files clip-distill did not write (e.g. {entries[0].name})"
+
+
+def foreign(folder: str | os.PathLike, what: str) -> list[str]:
+    """Entries of ``folder`` (an artifact of kind ``what``) that such an artifact does not write."""
+    import fnmatch
+
+    owns = _OWNS.get(what, ())
+    return [p.name for p in _visible(Path(folder)) if not any(fnmatch.fnmatch(p.name, g) for g in owns)]
 
 
 def written_by_us(what: str | None) -> bool:
@@ -170,6 +198,10 @@ def claim(out: str | os.PathLike, writes: str, inputs: Mapping[str, str | os.Pat
     if not overwrite:
         raise RunConflictError(f"{key}: {out} already holds {held}; choose another folder, or {flag} to replace it "
                                f"with {writes}")
+    others = foreign(out, held)
+    if others:  # replacing the folder would delete them too
+        raise RunConflictError(f"{key}: {out} holds {held} and also files clip-distill did not write (e.g. "
+                               f"{others[0]}); {writes} goes into an empty or new folder: choose one")
     return held
 
 
@@ -218,4 +250,4 @@ def _umask_mode(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
-__all__ = ["RUN", "CACHE", "SAVED_MODEL", "REPORT", "describe", "claim", "staged", "replace", "inputs_within", "input_paths", "inputs_of", "image_folders", "written_by_us"]
+__all__ = ["RUN", "CACHE", "SAVED_MODEL", "REPORT", "describe", "claim", "staged", "replace", "inputs_within", "input_paths", "inputs_of", "foreign", "image_folders", "written_by_us"]

@@ -251,3 +251,100 @@ def test_every_error_above_is_a_distill_error():
     # the CLI prints these as one line; anything else is reported as a bug
     for cls in (CacheError, DataError, FileFormatError, MissingFileError, RecipeError):
         assert issubclass(cls, DistillError)
+
+
+# -- issue 32: no command writes over, into or beside what it reads ---------------------------------------------
+def _files(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory):
+    """Inputs for every command that writes a folder, and two finished artifacts of other kinds."""
+    from distill import create_student
+    from distill.check import check_data
+    from distill.demo import make_shapes
+    from distill.vocab import train_tokenizer
+
+    root = tmp_path_factory.mktemp("writers")
+    data = make_shapes(root / "data", n_train=24, n_test=8, size=32, seed=3)
+    towers = dict(image_kwargs={"image_size": 32, "model_kwargs": dict(TINY_VIT)},
+                  text_kwargs={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "context_length": 16})
+    torch.manual_seed(0)
+    model = create_student("vit_tiny+bert_small", embed_dim=32, **towers)
+    model.save(root / "home" / "teacher")  # alone in its folder: a run may be written beside it
+    model.save(root / "models" / "student")
+    check_data(str(data / "train.csv"), root / "other" / "check", progress=False)
+    train_tokenizer(["a red circle", "a blue square"] * 4, 100).save_pretrained(str(root / "other" / "tokenizer"))
+    fit = root / "fit.yaml"
+    fit.write_text(f"teacher: {{name: {root / 'home' / 'teacher'}}}\n"
+                   f"student: {{name: vit_tiny, kwargs: {{image_size: 32, model_kwargs: {dict(TINY_VIT)}}}}}\n"
+                   f"data: {{train: {data / 'train.csv'}, num_workers: 0}}\n"
+                   "optim: {warmup_steps: 1}\n"
+                   "train: {max_steps: 1, batch_size: 8, progress: false, health_every: 0}\n")
+    tune = root / "tune.yaml"
+    tune.write_text(f"student: {{name: vit_tiny+bert_small, kwargs: {json.dumps(towers)}}}\n"
+                    f"data: {{train: {data / 'train.csv'}, num_workers: 0}}\n"
+                    "tune: {embed_dim: 32}\n"
+                    "train: {max_steps: 1, batch_size: 8, progress: false, health_every: 0}\n")
+    return root, data
+
+
+def _commands(root, data):
+    """(name, argv given the output folder, the input that folder must never hold, how the command is refused)."""
+    student, teacher, csv_file = root / "models" / "student", root / "home" / "teacher", data / "train.csv"
+    out = [("fit", lambda o: ["fit", str(root / "fit.yaml"), f"train.output_dir={o}"], teacher),
+           ("tune", lambda o: ["tune", str(root / "tune.yaml"), f"train.output_dir={o}"], csv_file),
+           ("cache", lambda o: ["cache", "build", "--teacher", str(teacher), "--data", str(csv_file), "--out", str(o),
+                                "--workers", "0"], teacher),
+           ("data", lambda o: ["data", "check", str(csv_file), "--out", str(o)], csv_file),
+           ("data", lambda o: ["data", "pack", str(csv_file), "--out", str(o), "--size", "32", "--workers", "1"],
+            csv_file),
+           ("tokenizer", lambda o: ["tokenizer", "train", str(csv_file), "--out", str(o), "--vocab", "100"], csv_file)]
+    for fmt in ("safetensors", "onnx", "onnx-fp16", "onnx-int8", "open_clip", "sentence-transformers", "timm"):
+        out.append(("export", lambda o, fmt=fmt: ["export", str(student), "--format", fmt, "--out", str(o)], student))
+    return out
+
+
+def test_no_command_writes_over_into_or_beside_its_inputs(writers, capsys):
+    from distill.cli import main
+
+    root, data = writers
+    for name, argv, source in _commands(root, data):
+        other = root / "other" / ("tokenizer" if name == "data" and "check" in argv(root)[1] else "check")
+        targets = {"a folder holding another artifact": other, "its own input": source,
+                   "a folder that holds one of its inputs": source.parent}
+        for what, target in targets.items():
+            before = _files(target)
+            code = main(argv(target))
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert code == 2, (name, what, argv(target), err[-3:])
+            assert err[-1].startswith(f"distill {name}: error: ") and "Traceback" not in "".join(err), (name, what)
+            assert _files(target) == before, (name, what)  # nothing written, deleted or mixed in
+            assert not [p for p in target.parent.iterdir() if p.name.startswith(".distill-staging")], (name, what)
+
+
+def test_where_a_flag_allows_it_the_inputs_stay_intact_and_the_folder_whole(writers, capsys):
+    from distill.cli import main
+
+    root, data = writers
+    # fit and tune beside their inputs: train.overwrite writes the run next to them and touches none of them
+    for recipe, folder in (("fit.yaml", root / "home"), ("tune.yaml", data)):
+        before = _files(folder)
+        assert main([recipe.split(".")[0], str(root / recipe), f"train.output_dir={folder}",
+                     "train.overwrite=true"]) == 0, capsys.readouterr().err[-500:]
+        after = _files(folder)
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert "run.json" in after
+    # --overwrite replaces another artifact whole; it never replaces an input or files we did not write
+    before = _files(root / "models" / "student")
+    assert main(["export", str(root / "models" / "student"), "--out", str(root / "models" / "student"),
+                 "--overwrite"]) == 2
+    assert _files(root / "models" / "student") == before
+    before = _files(data)  # the data, with the tune run written beside it above
+    assert main(["export", str(root / "models" / "student"), "--out", str(data), "--overwrite"]) == 2
+    assert "also files clip-distill did not write (e.g. classes.csv)" in capsys.readouterr().err
+    assert _files(data) == before
