@@ -15,7 +15,7 @@ _LAZY = {
     "load_teacher": "distill.teachers",
     "list_teachers": "distill.teachers",
     "create_student": "distill.students",
-    "load_student": "distill.students",
+    "load_student": "distill.interop",
     "list_students": "distill.students",
     "register_student": "distill.students",
     "Distiller": "distill.trainer",

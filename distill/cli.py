@@ -239,27 +239,13 @@ def _cuda() -> bool:
         return False
 
 
-def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
-    """(name, pretrained) that load_teacher takes, from a student's recorded teacher identity."""
-    from .errors import RecipeError
-
-    if not identity:
-        raise RecipeError("--teacher: the student records no teacher: pass --teacher")
-    backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
-    if backend == "folder":
-        return identity.get("path") or name, None
-    if backend == "openclip":
-        return f"openclip:{name}", weights[4:] if weights.startswith("tag:") else None
-    return f"{backend}:{name}", None
-
-
 def cmd_eval(args) -> int:
     from .data import load_rows
     from .errors import DataError, RecipeError
     from .eval import evaluate_pair
     from .report import format_table, write_report
-    from .students import load_student
-    from .teachers import load_teacher
+    from .interop import load_student
+    from .teachers import load_teacher, teacher_from_identity
     from .templates import load_templates
 
     src = Path(args.student)
@@ -437,8 +423,9 @@ def cmd_tune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportGateError, export, pair_with_teacher_text
-    from .students import load_student
+    from .export import ExportGateError, export
+    from .interop.pair import pair_with_teacher_text
+    from .interop import load_student
 
     src = Path(args.path)
     if not (src / "config.json").exists() and (src / "student" / "config.json").exists():

@@ -51,6 +51,16 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object: for telling
+    what a folder holds, where a damaged file is named later by whoever reads it."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_format_json(path: str | Path, expected: str, hint: str, accept=None) -> Any:
     """Read a JSON file that names its ``format``: fails naming the folder when it is missing
     (with ``hint`` on what makes one) and naming the file when it holds another format

@@ -9,7 +9,6 @@ swapped into place when complete (``staged``), so a folder is always the old art
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -18,22 +17,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from .errors import RunConflictError
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+from .io import json_object
 
 
 def _format(path: Path) -> str:
-    return str(_read(path).get("format") or "")
+    return str(json_object(path).get("format") or "")
 
 
 def _saved_model(folder: Path) -> bool:
-    cfg = _read(folder / "config.json")
+    cfg = json_object(folder / "config.json")
     if str(cfg.get("format", "")).startswith("clip-distill-student"):
         return True
     # a damaged one (config.json unreadable): our own messages say to save it again
@@ -54,7 +46,7 @@ _KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     ("a sentence-transformers model", lambda d: (d / "modules.json").is_file()),
     ("an ONNX export", lambda d: (d / "onnx_config.json").is_file()),
     (SAVED_MODEL, lambda d: _saved_model(d)),
-    ("a timm model", lambda d: "architecture" in _read(d / "config.json")),
+    ("a timm model", lambda d: "architecture" in json_object(d / "config.json")),
     ("a packed image store", lambda d: _format(d / "index.json").startswith("clip-distill-pack")),
     ("a data check", lambda d: (d / "clean.jsonl").is_file() and (d / "report.json").is_file()),
     (REPORT, lambda d: (d / "report.md").is_file() and (d / "results.json").is_file()),

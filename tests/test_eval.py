@@ -74,7 +74,8 @@ def test_report_files_and_pngs(shapes, teacher, tmp_path):
     for key in ("zero_shot_top1", "zero_shot_top5", "i2t_r1", "t2i_r10", "params_image", "macs_image",
                 "latency_ms_b1", "images_per_s"):
         assert key in res["teacher"] and key in res["student"], key
-    assert 0 <= res["student"]["fidelity"] <= 1 and len(res["cosines"]) == 40
+    assert len(res["cosines"]) == 40 and all(-1 <= c <= 1 for c in res["cosines"])
+    assert res["student"]["fidelity"] == pytest.approx(sum(res["cosines"]) / 40)  # the mean of the per-image ones
     report = write_report(res, tmp_path / "rep", run_dir=run.output_dir)
     for png in ("loss.png", "per_class.png", "cosine_hist.png"):
         with Image.open(tmp_path / "rep" / png) as im:

@@ -73,9 +73,10 @@ def test_gate_fails_on_a_corrupted_export(pair, tmp_path, monkeypatch):
     import onnx
 
     from distill import export as export_mod
+    from distill.interop import onnx as onnx_format
 
     _, folder = pair
-    real = export_mod._export_onnx
+    real = onnx_format._export_onnx
 
     def corrupt(student, out, towers, opset):
         paths = real(student, out, towers, opset)
@@ -88,7 +89,7 @@ def test_gate_fails_on_a_corrupted_export(pair, tmp_path, monkeypatch):
         onnx.save(model, str(paths["image"]))
         return paths
 
-    monkeypatch.setattr(export_mod, "_export_onnx", corrupt)
+    monkeypatch.setattr(onnx_format, "_export_onnx", corrupt)
     with pytest.raises(export_mod.ExportGateError, match="image tower mean cosine"):
         export_mod.export(folder, tmp_path / "bad", "onnx", towers=["image"])
     assert json.loads((tmp_path / "bad" / "parity.json").read_text())["image"]["mean_cosine"] < 0.999
@@ -183,10 +184,11 @@ def test_gate_catches_one_broken_sample_the_mean_hides(pair, shapes, tmp_path, m
 
 def test_static_int8_calibrates_on_other_images_than_it_verifies(pair, shapes, tmp_path, monkeypatch):
     from distill import export as export_mod
+    from distill.interop import onnx as onnx_format
 
     _, folder = pair
     seen = {}
-    real_int8, real_parity = export_mod._to_int8, export_mod.parity
+    real_int8, real_parity = onnx_format._to_int8, onnx_format.parity
 
     def int8(src, dst, tower, calibration, static):
         seen["calibration"] = calibration
@@ -196,8 +198,8 @@ def test_static_int8_calibrates_on_other_images_than_it_verifies(pair, shapes, t
         seen["verified"] = images
         return real_parity(student, out, images, texts, rows)
 
-    monkeypatch.setattr(export_mod, "_to_int8", int8)
-    monkeypatch.setattr(export_mod, "parity", parity)
+    monkeypatch.setattr(onnx_format, "_to_int8", int8)
+    monkeypatch.setattr(onnx_format, "parity", parity)
     res = export_mod.export(folder, tmp_path / "static", "onnx-int8", towers=["image"], data=str(shapes / "test.csv"),
                             quantization="static")
     cal, ver = seen["calibration"], seen["verified"]

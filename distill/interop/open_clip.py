@@ -25,6 +25,8 @@ from torch import nn
 from .._imports import require
 from ..errors import ExportError
 from ..io import save_tensors, write_json
+from .parity import agreement, calibration_inputs, parity_images
+from .registry import Format, register_format
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"
@@ -203,8 +205,6 @@ def _same(key: str, a: Any, b: Any) -> bool:
 def preprocess_check(student: Any, got: dict[str, Any], pil_images: list) -> dict[str, Any]:
     """open_clip's preprocess config and pixels vs the student's eval transform on ``pil_images``
     (the first 16)."""
-    from ..export import agreement
-
     pil_images = pil_images[:16]
     keys = ("size", "mean", "std", "interpolation", "resize_mode")
     want, have = preprocess_cfg(student.preprocess), got["preprocess_cfg"]
@@ -223,7 +223,8 @@ def load_open_clip_folder(path: str | Path):
     open_clip rewrites those paths."""
     from ..io import load_tensors, read_json
     from ..students import Student, TextTower
-    from ..students.text import _auto_model, openclip_text_tower
+    from ..students.open_clip import openclip_text_tower
+    from ..students.text import auto_model
     from ..transforms import PreprocessCfg
     from .timm import tower_from_timm_model
 
@@ -247,7 +248,7 @@ def load_open_clip_folder(path: str | Path):
     trunk.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("visual.trunk.")}, strict=True)
     image = tower_from_timm_model(trunk, pre, name, kwargs)
     if text_cfg.get("hf_model_name"):
-        encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(path / "text"))
+        encoder = auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(path / "text"))
         encoder.load_state_dict({k[17:]: v for k, v in state.items() if k.startswith("text.transformer.")}, strict=True)
         pooling = {v: k for k, v in _POOLERS.items()}[text_cfg["hf_pooler_type"]]
         spec = {"arch": f"open_clip:{path.name}", "pooling": pooling,
@@ -263,3 +264,21 @@ def load_open_clip_folder(path: str | Path):
         text.encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
                                       and not k.startswith(("visual.", "logit_"))}, strict=True)
     return Student(image, text, dim)
+
+
+def write(student: Any, folder: Path, data: Any = None, **_: Any) -> dict[str, Any]:
+    """Write the open_clip layout, load it with open_clip alone and compare embeddings and preprocessing."""
+    export_open_clip(student, folder)
+    images, texts, rows = calibration_inputs(student, data, stand_ins=8)
+    pixels = torch.from_numpy(images)
+    got = open_clip_parity(folder, pixels, texts)
+    with torch.no_grad():
+        result = {"image": agreement(student.encode_image(pixels).numpy(), got["image"].numpy()),
+                  "text": agreement(student.encode_text(list(texts)).numpy(), got["text"].numpy())}
+    result["preprocess"] = preprocess_check(student, got, parity_images(student, rows, stand_ins=8))
+    return result
+
+
+register_format(Format("open_clip", write, gate=(0.9999, 0.9995),
+                       detect=lambda folder: (folder / CONFIG).is_file(), read=load_open_clip_folder,
+                       relocate=relocate))

@@ -17,6 +17,8 @@ import torch
 from .._imports import require
 from ..errors import ExportError, MissingFileError
 from ..io import load_tensors, read_json, save_tensors, write_json
+from .parity import agreement, calibration_inputs
+from .registry import Format, register_format
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 _FLAGS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
@@ -76,7 +78,7 @@ def load_sentence_transformer(path: str | Path):
     """A sentence-transformers folder (Transformer, Pooling, optional Dense and Normalize) as a text Student."""
     from ..students import Student, TextTower
     from ..students.base import keep_space
-    from ..students.text import _auto_model, read_pooling, st_context_length
+    from ..students.text import auto_model, read_pooling, st_context_length
 
     transformers = require("transformers", "sentence-transformers folders")
     path = Path(path)
@@ -85,7 +87,7 @@ def load_sentence_transformer(path: str | Path):
     if kinds[:2] != ["Transformer", "Pooling"] or any(k not in _MODULES for k in kinds) or kinds.count("Dense") > 1:
         raise ExportError(f"{path / 'modules.json'}: modules {kinds} are not Transformer, Pooling[, Dense][, Normalize]")
     folder = path / (modules[0].get("path") or "")
-    encoder = _auto_model(transformers.AutoModel.from_pretrained, str(folder))
+    encoder = auto_model(transformers.AutoModel.from_pretrained, str(folder))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     hidden = int(encoder.config.hidden_size)
     head, bias = (None, False)
@@ -108,3 +110,17 @@ def sentence_transformers_parity(out: Path, texts: Sequence[str]) -> np.ndarray:
     st = require("sentence_transformers", "the sentence-transformers check")
     model = st.SentenceTransformer(str(out), device="cpu")
     return np.asarray(model.encode(list(texts), convert_to_numpy=True), dtype=np.float32)
+
+
+def write(student: Any, folder: Path, data: Any = None, **_: Any) -> dict[str, Any]:
+    """Write the text tower as a sentence-transformers folder, load it with ``SentenceTransformer`` and compare."""
+    export_sentence_transformers(student, folder)
+    _, texts, _ = calibration_inputs(student, data, stand_ins=8)
+    with torch.no_grad():
+        ref = student.encode_text(list(texts)).numpy()
+    return {"text": agreement(ref, sentence_transformers_parity(folder, texts))}
+
+
+# float32 copies of the same weights: any layout error shows on every sample
+register_format(Format("sentence-transformers", write, gate=(0.9999, 0.9995),
+                       detect=lambda folder: (folder / "modules.json").is_file(), read=load_sentence_transformer))

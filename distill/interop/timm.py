@@ -17,8 +17,10 @@ from torch import nn
 
 from .._imports import require
 from ..errors import ExportError
-from ..io import read_json, save_tensors, write_json
+from ..io import json_object, read_json, save_tensors, write_json
 from ..transforms import PreprocessCfg
+from .parity import agreement, calibration_inputs
+from .registry import Format, register_format
 
 # our resize modes as timm's crop modes: "shortest" = resize the short side, centre-crop (crop_pct 1)
 _CROP_MODE = {"shortest": "center", "squash": "squash"}
@@ -123,3 +125,20 @@ def timm_parity(student: Any, out: Path, pixels: torch.Tensor) -> dict[str, Any]
     wrapper = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
     got["transformers"] = wrapper(pixel_values=pixels).logits
     return {name: (ref, emb) for name, emb in got.items()}
+
+
+def write(student: Any, folder: Path, data: Any = None, **_: Any) -> dict[str, Any]:
+    """Write the image tower in timm's layout, load it with timm and with transformers, and compare."""
+    export_timm(student, folder)
+    images, _, _ = calibration_inputs(student, data, stand_ins=8)
+    result = {}
+    for runtime, (ref, got) in timm_parity(student, folder, torch.from_numpy(images)).items():
+        result["image" if runtime == "timm" else f"image ({runtime})"] = agreement(ref.numpy(), got.numpy())
+    return result
+
+
+def _is_timm_folder(folder: Path) -> bool:
+    return not (folder / "modules.json").exists() and "architecture" in json_object(folder / "config.json")
+
+
+register_format(Format("timm", write, gate=(0.9999, 0.9995), detect=_is_timm_folder, read=load_timm_folder))

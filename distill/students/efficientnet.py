@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import FileFormatError
-from . import STUDENTS
+from .image import create_image_tower
+from .registry import STUDENTS
 from .base import ImageTower
 from .pretrained import LOCAL_WEIGHTS, Layout, PackageWeights, register_layout
 
@@ -65,8 +66,6 @@ for _v in (0, 1, 2):
 
 
 def _lite(variant: int, embed_dim: int, **kwargs: Any) -> ImageTower:
-    from .image import create_image_tower
-
     return create_image_tower(f"efficientnet_lite{variant}", f"tf_efficientnet_lite{variant}", embed_dim, **kwargs)
 
 

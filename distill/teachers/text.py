@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .._imports import require
+from ..errors import unreachable
 from ..students.base import pool
 from ..students.text import read_pooling, st_context_length
 from .base import Teacher, file_hash, state_hash
