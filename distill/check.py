@@ -43,31 +43,28 @@ class ImageInfo:
 
 def inspect_image(path: str) -> ImageInfo:
     """Decode ``path`` fully (truncation shows only then) and hash its bytes."""
+    import io
+
     from PIL import Image
 
-    from .data import _image_bytes, read_problem
+    from .data import image_source, read_errors, read_problem, stat_problem
     from .transforms import to_rgb
 
-    from .data import _stat_problem
-
-    plain = "::" not in path and not path.startswith("hf://")
-    problem = _stat_problem(path) if plain else None
+    problem = stat_problem(path)
     if problem:
         return ImageInfo(path, problem)
     try:
-        src = _image_bytes(path) if not plain else open(path, "rb")
+        src = image_source(path)
         if hasattr(src, "convert"):  # a decoded dataset image
             im, data = src, src.tobytes()
         else:
             with src:
                 data = src.read()
-            import io
-
             im = Image.open(io.BytesIO(data))
             im.load()  # raises on truncated data
         to_rgb(im)  # what training does next: a mode it cannot convert is rejected here too
         return ImageInfo(path, None, im.width, im.height, im.mode, hashlib.sha1(data).hexdigest())
-    except Exception as e:
+    except read_errors() as e:
         return ImageInfo(path, read_problem(path, e))
 
 

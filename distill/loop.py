@@ -28,7 +28,8 @@ from . import dist
 from ._imports import require
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Recipe, save_recipe
-from .data import EpochBatchSampler, Rows, SkipLog
+from .data import EpochBatchSampler, Rows
+from .run import SkipLog
 from .errors import NonFiniteLossError, RecipeError, RunConflictError
 from .io import atomic_write_text, read_json, write_json
 from .precision import resolve_precision

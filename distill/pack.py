@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import as_rows, open_image
+from .data import as_rows, open_image, read_errors
 from .io import read_format_json, write_json
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def _decode(args: tuple[str, int]) -> tuple[np.ndarray | None, tuple[int, int], 
     path, size = args
     try:
         image = open_image(path)
-    except Exception as e:  # reported, never fatal
+    except read_errors() as e:  # reported, never fatal
         return None, (0, 0), f"{type(e).__name__}: {e}"
     return np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8), image.size, None
 

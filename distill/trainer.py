@@ -16,7 +16,8 @@ from torch import nn
 
 from . import dist, tokens
 from .config import DEFAULT_TEACHER, Recipe, apply_options
-from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
+from .data import PairDataset, Rows, as_rows, make_collate, split_usable
+from .run import SkipLog
 from .errors import (CacheError, CacheMismatchError, DataError, DataNotFoundError, FileFormatError, MissingFileError,
                      RecipeError, UnknownNameError)
 from .loop import (FitResult, NonFiniteLossError, TrainLoop, check_output_dir, data_fingerprint,  # noqa: F401

@@ -38,7 +38,8 @@ from torch import nn
 from . import dist, tokens
 from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
-from .data import PairDataset, Rows, SkipLog, as_rows, make_collate, split_usable
+from .data import PairDataset, Rows, as_rows, make_collate, split_usable
+from .run import SkipLog
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
 from .io import load_tensors, save_tensors

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_problem
+from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_errors, read_problem
 from ..errors import CacheError, CacheMismatchError, RunConflictError
 from ..io import atomic_write_bytes, read_json, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
@@ -60,7 +60,7 @@ class _ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             image, size = self.reader.open(self.paths[i])
-        except Exception as e:  # missing, truncated or not an image: reported, never fatal
+        except read_errors() as e:  # missing, truncated or not an image: reported, never fatal
             return {"i": i, "error": read_problem(self.paths[i], e)}
         problem = image_problem(*size)  # the rule `distill data check` rejects by
         if problem:

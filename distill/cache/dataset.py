@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..data import RawImages, Rows, image_problem, read_problem
+from ..data import RawImages, Rows, image_problem, read_errors, read_problem
 from ..errors import CacheMissError
 from ..transforms import PreprocessCfg, crop_uint8
 from .keys import MISSING, image_keys, text_key
@@ -104,7 +104,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
                 path = self.rows.images[i]
                 try:
                     image, size = self.reader.open(path)
-                except Exception as e:  # deleted or broken since the cache was built
+                except read_errors() as e:  # deleted or broken since the cache was built
                     return {"index": i, "skip": read_problem(path, e)}
                 problem = image_problem(*size)
                 if problem:

@@ -60,18 +60,13 @@ def locate(path: str) -> tuple[str, tuple[int, int] | None]:
 
 def content_key(path: str) -> str:
     """Hash of the image's bytes (a file, a tar member or a dataset row); ``missing:...`` when unreadable."""
+    from ..data import image_bytes, is_member, read_errors
+
     try:
         if not path.startswith("hf://") and not stat.S_ISREG(os.stat(path.partition("::")[0]).st_mode):
             raise ValueError("not a regular file")
-        if "::" in path or path.startswith("hf://"):
-            from ..data import _image_bytes
-
-            src = _image_bytes(path)
-            if hasattr(src, "convert"):  # a decoded dataset image: its pixels, shape and mode
-                return bytes_key(f"{src.mode}{src.size}".encode() + src.tobytes())
-            return bytes_key(src.read())
-        return _file_key(path)
-    except Exception:  # missing, unreadable: a row the run skips; the key is per path so a fixed file gets read
+        return bytes_key(image_bytes(path)) if is_member(path) else _file_key(path)
+    except read_errors():  # missing, unreadable: a row the run skips; the key is per path so a fixed file gets read
         return MISSING + bytes_key(os.path.abspath(path).encode("utf-8"))
 
 

@@ -1,0 +1,38 @@
+"""Where rows come from: one reader per kind of source behind one registry (``SOURCES``), as timm's
+``data/readers``. ``load_rows`` asks each reader whether it reads the source. A new source is one module
+that calls ``register_source(Source(...))``, imported below.
+
+Kinds: ``.csv`` / ``.tsv`` / ``.txt`` (``table``), ``.json`` / ``.jsonl`` (``json``), folders (``folder``: a
+metadata file, class subfolders, plain images, tar shards), webdataset ``.tar`` shards and globs (``tar``),
+``hf:<dataset>[@split]`` (``hf``). Parallel sentences are read by ``load_parallel`` (``data.parallel_source``).
+Relative image paths resolve against the folder of the file that names them, or an ``images/`` folder beside it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...errors import DataError, DataNotFoundError
+from ..rows import Rows
+from . import folder, hf, json_files, table, tar  # noqa: F401  (register the readers)
+from .parallel import load_parallel
+from .records import CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, read_table, read_text_file
+from .registry import SOURCES, Source, register_source
+from .table import LAYOUTS
+
+
+def load_rows(source: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None) -> Rows:
+    """Read image-caption rows from a file, folder, tar shards or dataset (see the module docstring)."""
+    text = str(source)
+    for name in SOURCES.list():
+        reader = SOURCES.create(name)
+        if reader.match(text):
+            return reader.read(text, image_column, caption_column)
+    path = Path(os.path.expanduser(text))
+    if not path.exists():
+        raise DataNotFoundError(f"data source {text!r} does not exist")
+    raise DataError(f"{path}: unsupported data file (use .csv, .tsv, .json, .jsonl, .txt, .tar or a folder)")
+
+
+__all__ = ["load_rows", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
+           "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS"]

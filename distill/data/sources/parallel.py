@@ -1,0 +1,93 @@
+"""Parallel sentences: a csv/tsv with one column per language, read as rows whose caption is what the student
+reads and whose ``teacher_texts`` is what the teacher reads (``data.parallel_source`` / ``parallel_targets``)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from ...errors import DataError, DataNotFoundError
+from ..images import IMAGE_EXTS
+from ..rows import Rows
+from .records import read_table, read_text_file
+
+log = logging.getLogger(__name__)
+
+
+def load_parallel(source: str | os.PathLike, teacher_column: str, student_columns: Sequence[str] = (),
+                  keep_source: bool = True) -> Rows:
+    """Parallel sentences (a csv/tsv with one column per language, e.g. ``en,de,fr``) as rows whose caption
+    is what the student reads and whose ``teacher_texts`` is what the teacher reads: one row per sentence
+    of each student column, learnt onto the teacher's embedding of the ``teacher_column`` sentence (and,
+    with ``keep_source``, the source sentence onto itself, so the student keeps that language).
+
+    ``student_columns`` empty: every other column whose header is a language code (``de``, ``zh-cn``,
+    ``pt_BR``) and whose values are sentences; other columns (ids, paths, scores) are never trained on.
+    Every column used must hold sentences: file paths, URLs or numbers stop with the column named."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.is_file():
+        raise DataNotFoundError(f"data.train: parallel sentences {str(source)!r}: no such file")
+    records, lines, _ = read_table(path, read_text_file(path), "\t" if path.suffix.lower() == ".tsv" else ",")
+    columns = list(records[0])
+    if teacher_column not in columns:
+        raise DataError(f"{path}: no column {teacher_column!r} (data.parallel_source); columns are {columns}")
+    values = {c: [(r.get(c) or "").strip() for r in records] for c in columns}
+    if student_columns:
+        targets = list(student_columns)
+        missing = [c for c in targets if c not in columns]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r} (data.parallel_targets); columns are {columns}")
+    else:
+        targets = [c for c in columns if c != teacher_column and _LANGUAGE.match(c) and not _not_sentences(values[c])
+                   and _wordy(values[c])]
+        if not targets:
+            raise DataError(f"{path}: no column besides {teacher_column!r} is a language of sentences (a header such "
+                            f"as de, fr or zh-cn); columns are {columns}: name the ones the student learns in "
+                            "data.parallel_targets")
+        left = [c for c in columns if c != teacher_column and c not in targets]
+        if left:
+            log.info("%s: learning %s onto %s; not trained on: %s (name data.parallel_targets to choose)", path,
+                     ", ".join(targets), teacher_column, ", ".join(left))
+    for col, key in [(teacher_column, "data.parallel_source"), *((c, "data.parallel_targets") for c in targets)]:
+        why = _not_sentences(values[col])
+        if why:
+            raise DataError(f"{path}: column {col!r} ({key}) holds {why}, not sentences; name the columns of "
+                            f"sentences (columns are {columns})")
+    learn = targets + ([teacher_column] if keep_source and teacher_column not in targets else [])
+    captions, teacher, out_lines = [], [], []
+    for k, line in enumerate(lines):
+        src = values[teacher_column][k] or None
+        for col in learn:
+            captions.append(values[col][k] or None)
+            teacher.append(src)
+            out_lines.append(line)
+    return Rows([None] * len(captions), captions, source=str(path), lines=out_lines, teacher_texts=teacher,
+                layout=f"parallel sentences ({teacher_column} -> {', '.join(learn)})")
+
+
+# a language tag as a column header: ISO 639 code, optionally a region or script (de, zh-cn, pt_BR, zh-Hant)
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$", re.IGNORECASE)
+
+
+def _wordy(values: Sequence[str]) -> bool:
+    """Most values are several words (spaces), or in a script written without spaces (Thai, CJK...): ids and
+    one-word codes are not."""
+    filled = [v for v in values if v]
+    return sum(" " in v or any(ord(ch) >= 0x0E00 for ch in v) for v in filled) > len(filled) / 2
+
+
+def _not_sentences(values: Sequence[str]) -> str | None:
+    """What a column holds when it is not sentences (file paths, URLs, numbers or codes), else None."""
+    filled = [v for v in values if v]
+    if not filled:
+        return "nothing (every row is empty)"
+    n = len(filled)
+    if sum("://" in v for v in filled) > n / 2:
+        return "URLs"
+    if sum(v.lower().endswith(IMAGE_EXTS) or ("/" in v and " " not in v) for v in filled) > n / 2:
+        return "file paths"
+    if sum(not any(ch.isalpha() for ch in v) for v in filled) > n / 2:
+        return "numbers or codes"
+    return None
