@@ -7,16 +7,22 @@ import warnings
 from typing import Any, Callable
 
 
-def forward(old: str, new: str, names: dict[str, str] | None = None) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``old`` that finds its names in ``new`` (``names``: old -> new name where
-    they differ, and the only names forwarded when given)."""
+def forward(old: str, new: str | dict[str, str], names: dict[str, str] | None = None) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``old``. ``new``: the module every moved name now lives in (``names``: old
+    -> new name, and the only names forwarded when given), or ``{old name: "module:name"}`` for names that
+    went to several modules."""
+    table = {k: (new, v) for k, v in (names or {}).items()} if isinstance(new, str) else \
+        {k: tuple(v.split(":")) for k, v in new.items()}
 
     def __getattr__(name: str) -> Any:
-        if names is not None and name not in names:
-            raise AttributeError(f"module {old!r} has no attribute {name!r}")
-        target = (names or {}).get(name, name)
-        warnings.warn(f"{old}.{name} moved to {new}.{target}; the old path goes away in the next release",
+        if name not in table:
+            if isinstance(new, str) and names is None:
+                table[name] = (new, name)
+            else:
+                raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        module, target = table[name]
+        warnings.warn(f"{old}.{name} moved to {module}.{target}; the old path goes away in the next release",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(new), target)
+        return getattr(importlib.import_module(module), target)
 
     return __getattr__

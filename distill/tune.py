@@ -36,15 +36,17 @@ import torch
 from torch import nn
 
 from . import dist, tokens
-from ._imports import require
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
-from .data import PairDataset, Rows, as_rows, make_collate, split_usable
-from .run import SkipLog
+from .data import PairDataset, Rows, as_rows, make_collate
+from .data.packed import image_reader
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
 from .io import load_tensors, save_tensors
-from .loop import (FitResult, TrainLoop, check_output_dir, data_fingerprint, image_reader, make_loader_factory,
-                   recipe_inputs, run_identity, run_inputs, seed_everything)
+from .loop import FitResult, TrainLoop
+from .optim import seed_everything
+from .pipeline import build_pipeline
+from .progress import track
+from .run import check_output_dir, recipe_inputs, run_identity, run_inputs
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
 from .transforms import normalize
 
@@ -118,11 +120,11 @@ class TuneStep(nn.Module):
         st, gen = self.stage, self.generator
 
         def image():
-            return tokens.image_features(model, normalize(batch["views"]["model"].to(dev, non_blocking=True),
+            return tokens.image_features(model, normalize(batch["views"]["student"].to(dev, non_blocking=True),
                                                           model.preprocess), st and st.image_tokens, gen)
 
         def text():
-            return tokens.text_features(model, batch["tokens"]["model"], st and st.text_tokens, gen,
+            return tokens.text_features(model, batch["tokens"]["student"], st and st.text_tokens, gen,
                                         batch.get("token_priority"))
 
         img = self._side("image", batch["index"].tolist(), image, dev)
@@ -145,86 +147,33 @@ def without_head(tower: nn.Module) -> Iterator[nn.Module]:
         tower.proj = head
 
 
-def unfreeze_last(tower: nn.Module, n: int) -> list[str]:
-    """Let the last ``n`` blocks of a tower's trunk train (timm's fine-grained parameter groups for image
-    trunks, whose last group also holds the final norm / head conv; the last transformer layers of a text
-    encoder). Returns the names of the parameters made trainable."""
-    trunk = getattr(tower, "trunk", None) or getattr(tower, "encoder")
-    groups = _blocks(trunk)
-    if not groups:
-        raise RecipeError(f"tune.unfreeze_last: {tower.spec.get('arch', '?')} does not name its blocks; "
-                          "use tune.unfreeze_last=0 (or tune.lock=lora)")
-    if n > len(groups):
-        raise RecipeError(f"tune.unfreeze_last: {n}, but {tower.spec.get('arch', '?')} has {len(groups)} blocks")
-    params = dict(trunk.named_parameters())
-    names = [name for group in groups[-n:] for name in group]
-    for name in names:
-        params[name].requires_grad_(True)
-    return names
-
-
-def _blocks(trunk: nn.Module) -> list[list[str]]:
-    """Parameter names of a trunk's blocks, in order."""
-    if hasattr(trunk, "group_matcher"):  # timm
-        from timm.models import group_parameters
-
-        groups = list(group_parameters(trunk, trunk.group_matcher(coarse=False)).values())
-        return groups[1:]  # group 0 is the stem
-    for path in ("encoder.layer", "layers", "transformer.resblocks", "encoder.layers"):  # HF BERT-like, open_clip
-        mod = trunk
-        for attr in path.split("."):
-            mod = getattr(mod, attr, None)
-        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod):
-            prefix = path + "."
-            return [[prefix + f"{i}.{n}" for n, _ in block.named_parameters()] for i, block in enumerate(mod)]
-    return []
-
-
-def _linear_names(module: nn.Module) -> list[str]:
-    """Names of the Linear layers of a tower trunk (Conv2d for CNNs that have none)."""
-    # nn.MultiheadAttention reads its out_proj weight directly, so an adapter there would be ignored
-    inside_mha = {f"{n}.out_proj" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    for kind in (nn.Linear, nn.Conv2d):
-        names = [n for n, m in module.named_modules() if isinstance(m, kind) and n and n not in inside_mha]
-        if names:
-            return names
-    raise RecipeError("tune.lock: lora needs a Linear or Conv2d layer to put adapters on; this tower has none")
-
-
 def add_lora(model, towers: str = "both", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: Sequence[str] = ()) -> list[str]:
-    """Wrap the trunk of each chosen tower with peft LoRA adapters; freeze every base weight.
-    Returns the names of the trainable parameters (adapters, projection heads)."""
-    peft = require("peft", "tune.lock=lora")
+    """LoRA adapters on the bodies of the chosen towers of a two-tower model (``TowerRoles.add_lora``), every
+    base weight frozen. Returns the names of the trainable parameters (adapters, projection heads)."""
     chosen = {"both": ("image", "text"), "image": ("image",), "text": ("text",)}.get(towers)
     if chosen is None:
         raise RecipeError(f"tune.lora_towers: {towers!r} is not one of {', '.join(LORA_TOWERS)}")
     model.requires_grad_(False)
     for name in chosen:
-        tower = getattr(model, name)
-        attr = "trunk" if name == "image" else "encoder"
-        inner = getattr(tower, attr)
-        cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                              target_modules=list(targets) or _linear_names(inner))
-        setattr(tower, attr, peft.get_peft_model(inner, cfg))
-    for tower in (model.image, model.text):
-        tower.proj.requires_grad_(True)
+        getattr(model, name).add_lora(rank, alpha, dropout, targets)
+    for tower in model.towers().values():
+        if tower.head is not None:
+            tower.head.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def merge_lora(model) -> None:
     """Fold LoRA adapters into the base weights (in place): a plain model, loadable without peft."""
-    for tower, attr in ((model.image, "trunk"), (model.text, "encoder")):
-        inner = getattr(tower, attr, None) if tower is not None else None
-        if inner is not None and hasattr(inner, "merge_and_unload"):
-            setattr(tower, attr, inner.merge_and_unload())
+    for tower in model.towers().values():
+        tower.merge_lora()
 
 
 def _features_key(model, data_id: str) -> str:
     """What frozen features depend on: the towers' config (preprocessing included), their weights, the data."""
     from .teachers.base import state_hash
 
-    weights = [state_hash(getattr(tower, "trunk", None) or tower.encoder) for tower in (model.image, model.text)]
+    weights = [state_hash(tower.backbone) for tower in (model.image, model.text)]
     key = {"model": model.config(), "data": data_id, "weights": weights}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -282,7 +231,7 @@ class Tuner:
         if model.image is None or model.text is None:
             raise RecipeError("student.name: tuning needs a two-tower model (an image and a text tower), e.g. "
                               "resnet18+hf:minilm")
-        headless = [n for n in ("image", "text") if not isinstance(getattr(getattr(model, n), "proj", None), nn.Linear)]
+        headless = [n for n, tower in model.towers().items() if tower.head is None]
         if t.lock == "both" and headless:
             raise RecipeError(f"tune.lock: both trains only the projection heads, and the {headless[0]} tower has none "
                               "(an open_clip text tower keeps its own); use tune.lock=text or image")
@@ -294,15 +243,13 @@ class Tuner:
     def _text_table(self, captions: Sequence[str], through_head: bool = True) -> FrozenTable:
         """Embed every distinct caption once with the locked text tower (``through_head=False``: its pooled
         trunk features, to which the trained head applies)."""
-        from tqdm.auto import tqdm
-
         unique = list(dict.fromkeys(c for c in captions if c))
         text = self.model.text
         text.to(self._device()).eval()
         with torch.no_grad(), (nullcontext() if through_head else without_head(text)):
             emb = [self.model.text_features(unique[i:i + 256]).float().cpu()
-                   for i in tqdm(range(0, len(unique), 256), desc="locked text tower", unit="batch",
-                                 disable=not self.recipe.train.progress)]
+                   for i in track(range(0, len(unique), 256), desc="locked text tower", unit="batch",
+                                  enabled=self.recipe.train.progress)]
         text.cpu()
         emb = torch.cat(emb)
         if through_head:
@@ -312,12 +259,10 @@ class Tuner:
     def _image_table(self, rows: Rows) -> tuple[FrozenTable, dict[int, str]]:
         """Trunk features of each distinct image (eval view) once; returns the table (dataset row -> row of
         features) and the rows whose image could not be read."""
-        from tqdm.auto import tqdm
-
         r, image = self.recipe, self.model.image
         unique = list(dict.fromkeys(rows.images))
-        data = PairDataset(Rows(unique, [None] * len(unique), source=rows.source), {"model": image.preprocess},
-                           augment=False, reader=image_reader(r.data))
+        data = PairDataset(Rows(unique, [None] * len(unique), source=rows.source), {"student": image.preprocess},
+                           augment=False, reader=image_reader(r.data.packed))
         loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=r.data.num_workers,
                                              collate_fn=make_collate({}))
         dev = self._device()
@@ -327,10 +272,10 @@ class Tuner:
         feats = torch.zeros(len(unique), image.proj.in_features)
         bad: dict[str, str] = {}
         with torch.no_grad():
-            for batch in tqdm(loader, desc="locked image tower", unit="batch", disable=not r.train.progress):
+            for batch in track(loader, desc="locked image tower", unit="batch", enabled=r.train.progress):
                 bad.update({unique[i]: why for i, why in batch["skipped"]})
                 if "index" in batch:
-                    pix = normalize(batch["views"]["model"].to(dev), image.preprocess)
+                    pix = normalize(batch["views"]["student"].to(dev), image.preprocess)
                     feats[batch["index"]] = image.trunk(pix).float().cpu()
         image.cpu()
         where = {p: i for i, p in enumerate(unique)}
@@ -374,46 +319,18 @@ class Tuner:
             raise RecipeError("data.group_by_length: batches by caption length for distillation (distill fit); "
                               "contrastive tuning takes its negatives from random batches: set it to false")
         tokens.check_schedule(model, r.train.schedule)
-        check_output_dir(Path(r.train.output_dir), {**recipe_inputs(r), **run_inputs(source, rows)}, r.train.overwrite)
-        keep, why = split_usable(rows, need_image=True, need_caption=True)
-        skipped = [(rows, i, reason) for i, reason in why.items()]
-        rows = rows.subset(keep)
-        for name in LOCKED.get(t.lock, ()):
-            tower = getattr(model, name)
-            tower.requires_grad_(False)
-            if t.lock == "both":
-                tower.proj.requires_grad_(True)  # the heads are what trains
-            if t.unfreeze_last:
-                unfreeze_last(tower, t.unfreeze_last)
-        if t.lock == "lora":
-            trainable = add_lora(model, t.lora_towers, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
-            log.info("LoRA: %d trainable tensors", len(trainable))
-        dataset = PairDataset(rows, {"model": model.preprocess}, r.data.augment, r.data.crop_scale, r.train.seed,
-                              image_reader(r.data), flip=r.data.flip)
-        pin = torch.cuda.is_available() and not r.train.cpu
-        data_id = data_fingerprint(rows, progress=r.train.progress)
-        run = run_identity(r, model=model.config(), data=data_id)
-        loop = TrainLoop(r, None, make_loader_factory(dataset, None, r.train.batch_size, r.train.seed,
-                                                      r.data.num_workers, pin), run=run, rows=rows,
-                         inputs=run_inputs(source, rows))
+        inputs = {**recipe_inputs(r), **run_inputs(source, rows)}
+        check_output_dir(Path(r.train.output_dir), inputs, r.train.overwrite)
+        self._lock()
+        pipe = build_pipeline(rows, r, model)
+        loop = TrainLoop(r, None, pipe.make_loader, run=run_identity(r, model=model.config(), data=pipe.fingerprint),
+                         rows=pipe.train, inputs=inputs)
         loop.claim()  # before anything is written into the output folder
-        loop.skips = SkipLog(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
-                             resume=loop.resume_from is not None)
-        for rs, i, reason in skipped:
-            loop.skips.add(rs, i, reason)
-        if not len(rows):
-            raise DataError(f"no usable image-caption rows left to tune on ({loop.skips.summary()})")
-        tables: dict[str, FrozenTable] = {}
-        if t.lock == "both" and not t.unfreeze_last:  # only the heads train: read both towers from tables
-            tables, bad = self._frozen_tables(rows, data_id)
-            dataset = _TableRows(rows, bad)
-        elif t.lock == "text" and not t.unfreeze_last:
-            tables = {"text": self._text_table(rows.captions)}
-        collate = make_collate({} if "text" in tables else {"model": model.tokenize},
-                               None if "text" in tables else tokens.syntax_annotator(r.train.schedule, model.text))
+        loop.skips = pipe.skip_log(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
+                                   resume=loop.resume_from is not None)
+        tables = self._tables(pipe)
         loop.modules = TuneStep(model, _Temperature(t.init_temperature), t.lock, t.queue, tables)
-        loop.make_loader = make_loader_factory(dataset, collate, r.train.batch_size, r.train.seed,
-                                               r.data.num_workers, pin)
+        loop.make_loader = pipe.make_loader
         history, steps = loop.run()
         if t.lock == "lora":
             merge_lora(model)
@@ -422,3 +339,24 @@ class Tuner:
             model.cpu().eval().save(model_dir)
         return FitResult(model_dir.parent, history, model, model_dir, steps,
                          {"samples_per_s": loop.samples_per_s, "skipped": loop.skips.count, "timing": loop.timing})
+
+    def _lock(self) -> None:
+        """Freeze what ``tune.lock`` says (the towers carry the how: ``TowerRoles``)."""
+        t, model = self.recipe.tune, self.model
+        for name in LOCKED.get(t.lock, ()):
+            getattr(model, name).lock(head=t.lock == "both", unfreeze_last=t.unfreeze_last)  # both: the heads train
+        if t.lock == "lora":
+            trainable = add_lora(model, t.lora_towers, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
+            log.info("LoRA: %d trainable tensors", len(trainable))
+
+    def _tables(self, pipe) -> dict[str, FrozenTable]:
+        """Locked towers read from tables computed once (and the pipeline's batches with them)."""
+        t = self.recipe.tune
+        if t.unfreeze_last or t.lock not in ("both", "text"):
+            return {}
+        if t.lock == "both":  # only the heads train: read both towers from tables
+            tables, bad = self._frozen_tables(pipe.train, pipe.fingerprint)
+            pipe.with_dataset(_TableRows(pipe.train, bad), make_collate({}))
+            return tables
+        pipe.with_dataset(pipe.dataset, make_collate({}))  # the text side comes from its table: no tokens
+        return {"text": self._text_table(pipe.train.captions)}

@@ -7,27 +7,21 @@ models, the cache or the trainer.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from .._compat import forward
 from .dataset import PairDataset, make_collate
 from .images import (IMAGE_EXTS, MAX_PIXELS, MIN_SIDE, RawImages, image_bytes, image_problem, image_source, is_member,
                      open_image, read_errors, read_problem, stat_problem, usable_image)
 from .rows import Rows, split_usable
 from .sampler import EpochBatchSampler
-from .sources import (CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, LAYOUTS, SOURCES, Source, load_parallel,
-                      load_rows, read_text_file, register_source)
-
-
-def as_rows(data: Any, **kwargs: Any) -> Rows:
-    """``data`` as Rows: Rows as they are, anything else through ``load_rows``."""
-    return data if isinstance(data, Rows) else load_rows(data, **kwargs)
+from .sampler import make_loader_factory
+from .sources import (CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, LAYOUTS, SOURCES, Source, as_rows,
+                      load_parallel, load_rows, read_text_file, register_source)
 
 
 __getattr__ = forward(__name__, "distill.run", {"SkipLog": "SkipLog"})  # moved: one more release
 
 __all__ = ["Rows", "load_rows", "as_rows", "load_parallel", "split_usable", "open_image", "image_source",
            "image_bytes", "read_problem", "read_errors", "stat_problem", "usable_image", "image_problem", "is_member",
-           "RawImages", "PairDataset", "make_collate", "EpochBatchSampler", "SOURCES", "Source", "register_source",
+           "RawImages", "PairDataset", "make_collate", "EpochBatchSampler", "make_loader_factory", "SOURCES", "Source", "register_source",
            "read_text_file", "IMAGE_EXTS", "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS",
            "MIN_SIDE", "MAX_PIXELS"]

@@ -2,7 +2,7 @@
 run and several processes see exactly the rows one uninterrupted process sees."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,3 +54,40 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # endless; accelerate asks for a length
         return 1 << 40
+
+
+def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_workers: int, pin: bool,
+                        lengths: Sequence[int] | None = None):
+    """Factory the loop calls with (batches already consumed, rank, world) -> batch iterator;
+    ``lengths``: each row's token count, to batch rows of similar length (``data.group_by_length``)."""
+
+    def make(consumed: int, rank: int, world: int) -> Iterator:
+        batches = EpochBatchSampler(len(dataset), batch_size * world, seed, lengths=lengths)
+        sampler = _RankSampler(batches, consumed, rank, world)
+        # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global
+        # one, which a resumed run has just restored, and every dropout mask after the resume would shift
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+        )
+        return iter(loader)
+
+    return make
+
+
+class _RankSampler(torch.utils.data.Sampler):
+    """Process ``rank`` of ``world`` takes its slice of each global batch (``world`` x the micro-batch),
+    starting after ``consumed`` batches: N processes at micro-batch B see, step by step, exactly the
+    rows one process sees at N*B."""
+
+    def __init__(self, base: EpochBatchSampler, consumed: int, rank: int, world: int):
+        self.base, self.consumed, self.rank, self.world = base, consumed, rank, world
+
+    def __iter__(self):
+        self.base.start_batch = self.consumed
+        for batch in self.base:
+            per = -(-len(batch) // self.world)
+            yield batch[self.rank * per:(self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        return len(self.base)

@@ -19,6 +19,7 @@ from ..errors import ModelError, RecipeError
 from ..io import save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
+from .roles import TowerRoles
 
 FORMAT = "clip-distill-student/1"
 
@@ -33,8 +34,10 @@ def keep_space(proj: nn.Linear) -> None:
                 proj.bias.zero_()
 
 
-class ImageTower(nn.Module):
+class ImageTower(TowerRoles, nn.Module):
     """timm trunk (pooled features) -> linear projection to ``embed_dim``."""
+
+    backbone_attr = "trunk"
 
     def __init__(self, trunk: nn.Module, embed_dim: int, preprocess: PreprocessCfg, spec: dict[str, Any]):
         super().__init__()
@@ -69,12 +72,14 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-class TextTower(nn.Module):
+class TextTower(TowerRoles, nn.Module):
     """transformers encoder -> mean/cls/max pooling -> linear projection to ``embed_dim``.
 
     New towers have a bias-free head (``spec["proj_bias"] = False``), as CLIP's text projection:
     open_clip and sentence-transformers then hold it exactly. Folders saved before that have no
     ``proj_bias`` key and keep their bias."""
+
+    backbone_attr = "encoder"
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
         super().__init__()
@@ -112,9 +117,11 @@ class TextTower(nn.Module):
         self.tokenizer.save_pretrained(str(folder))
 
 
-class OpenClipTextTower(nn.Module):
+class OpenClipTextTower(TowerRoles, nn.Module):
     """An open_clip text tower kept whole (its tokenizer, pooling and projection): what an image
     student paired with an open_clip teacher uses, so paired text embeddings are the teacher's."""
+
+    backbone_attr = "encoder"
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, embed_dim: int, spec: dict[str, Any]):
         super().__init__()
@@ -178,6 +185,17 @@ class Student(nn.Module):
     @property
     def tokenizer(self):
         return self.text.tokenizer if self.text is not None else None
+
+    def towers(self) -> dict[str, nn.Module]:
+        """``{"image": tower, "text": tower}`` of the towers it has."""
+        return {name: t for name, t in (("image", self.image), ("text", self.text)) if t is not None}
+
+    def token_counts(self, texts: Sequence[str | None], chunk: int = 4096) -> list[int]:
+        """Each text's token count under the text tower's own tokenizer (``data.group_by_length``)."""
+        out: list[int] = []
+        for i in range(0, len(texts), chunk):
+            out += self.tokenize([t or "" for t in texts[i:i + chunk]])["attention_mask"].sum(1).tolist()
+        return out
 
     def num_params(self, tower: str | None = None) -> int:
         mod = self if tower is None else getattr(self, tower)

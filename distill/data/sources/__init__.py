@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ...errors import DataError, DataNotFoundError
 from ..rows import Rows
@@ -34,5 +35,10 @@ def load_rows(source: str | os.PathLike, image_column: str | None = None, captio
     raise DataError(f"{path}: unsupported data file (use .csv, .tsv, .json, .jsonl, .txt, .tar or a folder)")
 
 
-__all__ = ["load_rows", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
+def as_rows(data: Any, **kwargs: Any) -> Rows:
+    """``data`` as Rows: Rows as they are, anything else through ``load_rows``."""
+    return data if isinstance(data, Rows) else load_rows(data, **kwargs)
+
+
+__all__ = ["load_rows", "as_rows", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
            "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS"]
