@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from distill.export import export, pair_with_teacher_text
-    from distill.students import load_student
+    from distill import load_student
     from distill.teachers import load_teacher
 
     cb_version, cb_numpy = check_clip_benchmark(args.clip_benchmark)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_result  # noqa: E402
 
 from distill.data import PairDataset, Rows, load_rows, make_collate  # noqa: E402
-from distill.pack import PackedImages, pack_images  # noqa: E402
+from distill.data.packed import PackedImages, pack_images  # noqa: E402
 from distill.transforms import PreprocessCfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -85,45 +85,24 @@ def _student(name: str, embed_dim: int, cfg):
 
 
 def ceiling(name: str, embed_dim: int, cfg, steps: int) -> float:
-    """The student's own training step on in-memory tensors: the same batch, size, losses and optimiser as
-    ``fit`` (AdamW with its weight-decay groups, gradient clipping at the recipe's norm)."""
-    from distill.config import OptimCfg
-    from distill.loop import make_optimizer
-    from distill.losses import DistillLoss, Embeddings
+    """The student's own training step on in-memory tensors: the library's ``train_step`` of the same step
+    module, batch, size, losses and optimiser as ``fit`` (AdamW with its weight-decay groups, gradient
+    clipping at the recipe's norm), on a batch already in memory."""
+    from distill import train_step
+    from distill.config import Recipe, apply_options
+    from distill.optim import make_optimizer
+    from distill.plan import probe_batch, step_module
 
-    student = _student(name, embed_dim, cfg).train()
-    loss_fn = DistillLoss({"cosine": 1.0, "contrastive": 1.0})
-    both = torch.nn.ModuleDict({"student": student, "loss": loss_fn})
-    optim = OptimCfg()
-    opt = make_optimizer(both, optim, torch.device("cpu"))
-    params = [p for p in both.parameters() if p.requires_grad]
-    b = cfg["batch"]
-    t_img = torch.nn.functional.normalize(torch.randn(b, embed_dim), dim=-1)
-    t_txt = torch.nn.functional.normalize(torch.randn(b, embed_dim), dim=-1)
-    if name == "bert_small":
-        tokens = student.tokenize(["a dog runs along the beach next to the waves " * 4] * b)
-    else:
-        s = cfg["sizes"][name]
-        pixels = torch.randn(b, 3, s, s)
-
-    def step():
-        if name == "bert_small":
-            e = Embeddings(s_txt=student.text_features(tokens), t_txt=t_txt, t_img=t_img)
-        else:
-            e = Embeddings(s_img=student.image_features(pixels), t_img=t_img, t_txt=t_txt)
-        loss, _ = loss_fn(e)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)
-
+    recipe = apply_options(Recipe(), {"loss_weights": {"cosine": 1.0, "contrastive": 1.0}})
+    step = step_module(_student(name, embed_dim, cfg), recipe).train()
+    opt = make_optimizer(step, recipe.optim, torch.device("cpu"))
+    batch = probe_batch(step.model, cfg["batch"])
     for _ in range(2):
-        step()
+        train_step(step, batch, opt, recipe.optim.lr, recipe.optim.grad_clip)
     tic = time.perf_counter()
     for _ in range(steps):
-        step()
-    return steps * b / (time.perf_counter() - tic)
+        train_step(step, batch, opt, recipe.optim.lr, recipe.optim.grad_clip)
+    return steps * cfg["batch"] / (time.perf_counter() - tic)
 
 
 def fit(name: str, teacher, cfg, work: Path, data: Path, mode: str, workers: int) -> dict:
@@ -179,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = _settings(args.quick)
     from distill.config import Recipe
-    from distill.pack import PackedImages, pack_images
+    from distill.data.packed import PackedImages, pack_images
 
     workers = Recipe().data.num_workers if args.workers is None else args.workers
     work = Path(tempfile.mkdtemp(prefix="overhead_"))

@@ -45,7 +45,7 @@ from distill.cache import TeacherService
 from distill.data import Rows, load_rows, open_image
 from distill.eval import (caption_pairs, caption_retrieval, count_params, embed_images, embed_texts, fidelity,
                           images_per_second, macs, retrieval_recall, zero_shot_accuracy)
-from distill.students import load_student
+from distill import load_student
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "a photo of a {}."
@@ -420,7 +420,7 @@ def image_track(cfg: dict, assets: Path, work: Path, device: str, workers: int) 
     timing.record("teacher_cache_s", tic, built.images_encoded > 0)
     tic, fresh = time.perf_counter(), not (packed / "index.json").exists()
     if fresh:
-        from distill.pack import pack_images
+        from distill.data.packed import pack_images
 
         pack_images(sets["distill"], packed, size=cfg["pack_size"], workers=workers)
     timing.record("pack_s", tic, fresh)

@@ -60,7 +60,6 @@ def batching(parallel: str, rows: int, steps: int, batch: int, rounds: int) -> d
     from distill import Distiller, create_student, load_teacher
     from distill.cache import TeacherService
     from distill.data import EpochBatchSampler, load_parallel
-    from distill.trainer import _token_lengths
     from distill.vocab import texts_of, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="text_students_"))
@@ -76,7 +75,7 @@ def batching(parallel: str, rows: int, steps: int, batch: int, rounds: int) -> d
         return create_student("bert_small", embed_dim=teacher.embed_dim, extend_vocab=str(work / "tok"), **STUDENT)
 
     sentences = load_parallel(work / "parallel.csv", "en", ["de", "fr"])
-    lengths = np.asarray(_token_lengths(student(), sentences.captions))
+    lengths = np.asarray(student().token_counts(sentences.captions))
     padded = {}
     for grouped in (False, True):
         sampler = iter(EpochBatchSampler(len(lengths), batch, lengths=lengths if grouped else None))

@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_real as qr  # noqa: E402  (the same teacher, data and evaluation)
 from _results import write_result  # noqa: E402
 
-from distill import Distiller, create_student, load_teacher  # noqa: E402
+from distill import Distiller, create_student, load_student, load_teacher, train_step  # noqa: E402
 from distill.cache import TeacherService  # noqa: E402
-from distill.config import TokensCfg  # noqa: E402
+from distill.config import Recipe, StageCfg, TokensCfg  # noqa: E402
 from distill.eval import caption_retrieval, embed_texts, fidelity  # noqa: E402
-from distill.students import load_student  # noqa: E402
-from distill.tokens import image_features, select_tokens, special_ids  # noqa: E402
+from distill.plan import probe_batch, step_module  # noqa: E402
+from distill.timing import seconds_per_call  # noqa: E402
 
 MODES = {
     "quick": {"qr": "quick", "image_student": ("vit_tiny", {"image_size": 64}), "image_batch": 96,
@@ -55,25 +55,13 @@ IMAGE_RUNS = {"random_0.5": TokensCfg(mode="random", keep=0.5), "resize_half": T
 TEXT_RUNS = {"syntax_8": "syntax", "truncate_8": "truncate"}
 
 
-def step_seconds(fn, steps: int = 6) -> float:
-    """Seconds per step of ``fn`` (two warm-up calls first)."""
-    for _ in range(2):
-        fn()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - tic) / steps
-
-
-def student_step(student, forward):
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        loss = forward().float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+def step_seconds(student, batch: dict, stage: StageCfg | None = None) -> float:
+    """Seconds of the library's training step (``train_step`` of the distillation step) on ``batch`` with
+    the tokens ``stage`` keeps (every token when None): median of 6 after 2 warm-up steps."""
+    step = step_module(student, Recipe()).train()
+    step.stage, step.generator = stage, torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
+    return seconds_per_call(lambda: train_step(step, batch, opt, lr=1e-4), warmup=2, repeat=6)
 
 
 def plan(budget_steps: int, ratio: float, finetune: float) -> list[dict]:
@@ -157,7 +145,7 @@ def image_runs(cfg: dict, qcfg: dict, assets: Path, qwork: Path, work: Path, wor
     TeacherService(teacher, cache, num_workers=workers).build(sets["distill"], views=qcfg["views"],
                                                               scale=qcfg["crop_scale"])
     if not (packed / "index.json").exists():
-        from distill.pack import pack_images
+        from distill.data.packed import pack_images
 
         pack_images(sets["distill"], packed, size=qcfg["pack_size"], workers=workers)
     evaluator = qr.ImageEval(sets, teacher)
@@ -171,11 +159,11 @@ def image_runs(cfg: dict, qcfg: dict, assets: Path, qwork: Path, work: Path, wor
 
     probe_model = new_student().train()
     px = probe_model.preprocess.image_size
-    x = torch.randn(batch, 3, px, px)
-    t_full = step_seconds(student_step(probe_model, lambda: probe_model.image_features(x)))
+    x = probe_batch(probe_model, batch)
+    t_full = step_seconds(probe_model, x)
     probe = {}
     for run, tok in IMAGE_RUNS.items():
-        t_red = step_seconds(student_step(probe_model, lambda: image_features(probe_model, x, tok, torch.Generator())))
+        t_red = step_seconds(probe_model, x, StageCfg(image_tokens=tok))
         probe[run] = {"full_step_s": t_full, "reduced_step_s": t_red, "speedup": t_full / t_red}
         qr.log(f"image {run}: the student's own step is {t_full / t_red:.2f}x faster than with every token")
 
@@ -220,12 +208,12 @@ def text_runs(cfg: dict, assets: Path, qwork: Path, work: Path) -> list[dict]:
 
     probe_model = new_student().train()
     toks = probe_model.tokenize(rows.captions[:batch])
-    short = select_tokens(toks, special_ids(probe_model.text.tokenizer), "truncate", 8)
-    t_full = step_seconds(student_step(probe_model, lambda: probe_model.text_features(toks)))
-    t_red = step_seconds(student_step(probe_model, lambda: probe_model.text_features(short)))
+    x = {**probe_batch(probe_model, batch), "tokens": {"student": toks}}  # real captions' lengths
+    t_full = step_seconds(probe_model, x)
+    t_red = step_seconds(probe_model, x, StageCfg(text_tokens=TokensCfg(mode="truncate", keep=8)))
     ratio = {"full_step_s": t_full, "reduced_step_s": t_red, "speedup": t_full / t_red,
              "tokens_full": float(toks["attention_mask"].sum(1).float().mean()),
-             "tokens_reduced": float(short["attention_mask"].sum(1).float().mean())}
+             "tokens_reduced": float(toks["attention_mask"].sum(1).clamp(max=8 + 2).float().mean())}  # + [CLS], [SEP]
     qr.log(f"text: 8 tokens make the student's own step {ratio['speedup']:.2f}x faster")
 
     def fit(run_dir: Path, schedule):

@@ -32,7 +32,7 @@ from cache_throughput import make_images  # noqa: E402
 from distill import Distiller, create_student, load_teacher  # noqa: E402
 from distill.cache import TeacherService  # noqa: E402
 from distill.config import Recipe, apply_options  # noqa: E402
-from distill.pack import PackedImages, pack_images  # noqa: E402
+from distill.data.packed import PackedImages, pack_images  # noqa: E402
 from distill.plan import make_plan  # noqa: E402
 
 STUDENTS = ("vit_tiny", "resnet18", "mobilevit_s", "bert_small")

@@ -6,7 +6,6 @@ normalised embeddings and an ``image_transform`` (teachers and students both qua
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch
@@ -141,17 +140,11 @@ def count_params(module: torch.nn.Module | None) -> int:
 
 @torch.no_grad()
 def images_per_second(encode, image_size: int, batch_size: int = 64, iters: int = 5, device: str = "cpu") -> float:
-    """Throughput of ``encode`` on random pixels (after one warm-up batch)."""
+    """Throughput of ``encode`` on random pixels: the median of ``iters`` timed batches after two warm-up ones."""
+    from .timing import seconds_per_call
+
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    encode(x)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for _ in range(iters):
-        encode(x)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return batch_size * iters / (time.perf_counter() - tic)
+    return batch_size / seconds_per_call(lambda: encode(x), warmup=2, repeat=iters, device=device)
 
 
 def zero_shot_per_class(image_emb: torch.Tensor, labels: Sequence[int], class_emb: torch.Tensor) -> list[float]:

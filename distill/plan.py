@@ -11,6 +11,9 @@ teacher on the GPU) at two micro-batch sizes, with and without gradient checkpoi
   saves for backward, counted with ``saved_tensors_hooks``; halved under bf16/fp16 autocast)
   ``+ 10%`` allocator slack.
 
+The step probed is the training step itself (``loop.train_step`` of the distillation step module), on a
+batch shaped as a cached run feeds it (``probe_batch``).
+
 Peak memory is affine in the micro-batch, so two probes give the per-sample and fixed parts.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from .config import Recipe
+from .loop import train_step
 
 CANDIDATES = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
@@ -91,32 +95,31 @@ class Plan:
         return "\n".join(lines)
 
 
-def _inputs(student, batch: int, device):
+def probe_batch(student, batch: int, device: Any = "cpu") -> dict[str, Any]:
+    """A batch of ``batch`` random rows as a cached run feeds the step: 224 px views (or full-length token
+    sequences) and the teacher's targets in the batch (a cached run keeps no teacher on the device)."""
+    dim = student.embed_dim
+    out: dict[str, Any] = {"teacher_emb": {"image": torch.randn(batch, dim), "text": torch.randn(batch, dim)}}
     if student.image is not None:
         s = student.preprocess.image_size
-        return {"pixels": torch.randn(batch, 3, s, s, device=device)}
-    ctx = student.text.context_length
-    ids = torch.randint(1000, 2000, (batch, ctx), device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        out["views"] = {"student": torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device)}
+    else:
+        ids = torch.randint(1000, 2000, (batch, student.text.context_length), device=device)
+        out["tokens"] = {"student": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+    return out
 
 
-def _step(student, loss_fn, inputs, amp: torch.dtype | None):
-    from .losses import Embeddings
+def step_module(student, recipe: Recipe):
+    """The distillation step of ``student`` with its recipe's losses, on targets carried by the batch."""
+    from .cache.targets import InBatch
+    from .losses import DistillLoss
+    from .trainer import DistillStep
 
-    device = next(student.parameters()).device
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        if "pixels" in inputs:
-            s = student.image_features(inputs["pixels"])
-            e = Embeddings(s_img=s, t_img=torch.randn_like(s.float()), t_txt=torch.randn_like(s.float()))
-        else:
-            s = student.text(inputs["input_ids"], inputs["attention_mask"])
-            e = Embeddings(s_txt=s, t_txt=torch.randn_like(s.float()))
-        loss, _ = loss_fn(e)
-    return loss
+    return DistillStep(InBatch(student.embed_dim), student, DistillLoss(recipe.loss.weights, recipe.loss.kwargs))
 
 
-def _saved_bytes(student, loss_fn, inputs, amp) -> int:
-    """Bytes autograd keeps for backward (each storage counted once)."""
+def _saved_bytes(step, batch: dict[str, Any], optimizer) -> int:
+    """Bytes autograd keeps for backward during one training step (each storage counted once)."""
     seen: dict[Any, int] = {}
 
     def pack(t):
@@ -125,16 +128,14 @@ def _saved_bytes(student, loss_fn, inputs, amp) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _step(student, loss_fn, inputs, amp)
-    loss.backward()
-    params = {p.untyped_storage().data_ptr() for p in student.parameters()}  # counted with the weights
+        train_step(step, batch, optimizer, lr=1e-5)
+    params = {p.untyped_storage().data_ptr() for p in step.parameters()}  # counted with the weights
     return sum(v for (ptr, _), v in seen.items() if ptr not in params)
 
 
 def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: int | None = None,
           batches: tuple[int, int] = (4, 8)) -> list[Probe]:
     """Measure fixed and per-sample memory and time, without and with gradient checkpointing."""
-    from .losses import DistillLoss
     from .students import create_student
     from .teachers import TEACHERS
 
@@ -159,36 +160,32 @@ def probe(recipe: Recipe, device: str | torch.device | None = None, embed_dim: i
             continue
         if recipe.train.channels_last:
             student.to(memory_format=torch.channels_last)
-        loss_fn = DistillLoss(recipe.loss.weights, recipe.loss.kwargs).to(device)
+        step = step_module(student, recipe).to(device)
         n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(step.parameters(), lr=1e-5)
         peaks, times = [], []
         for b in batches:
-            inputs = _inputs(student, b, device)
+            batch = probe_batch(student, b, device)
             if device.type == "cuda":
-                _step(student, loss_fn, inputs, amp).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                tic = time.perf_counter()
-                _step(student, loss_fn, inputs, amp).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
+                with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                    train_step(step, batch, opt, lr=1e-5)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    tic = time.perf_counter()
+                    train_step(step, batch, opt, lr=1e-5)
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - tic)
                 peaks.append(torch.cuda.max_memory_allocated())
             else:
                 tic = time.perf_counter()
-                saved = _saved_bytes(student, loss_fn, inputs, None)
+                saved = _saved_bytes(step, batch, opt)
                 times.append(time.perf_counter() - tic)
-                student.zero_grad(set_to_none=True)
                 scale = 0.5 if amp is not None else 1.0
                 peaks.append(1.1 * (n_params * opt_bytes + saved * scale))
         per_sample = max((peaks[1] - peaks[0]) / (batches[1] - batches[0]), 1.0)
         fixed = max(peaks[0] - per_sample * batches[0], 0.0)
         out.append(Probe(ckpt, fixed, per_sample, times[1] / batches[1], "cuda" if device.type == "cuda" else "formula"))
-        del student, opt
+        del student, step, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

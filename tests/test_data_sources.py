@@ -190,7 +190,7 @@ def test_training_and_cache_skip_bad_rows(broken, teacher, student, tmp_path):
 
 def test_packed_store_replays_the_same_crops(source, tmp_path):
     from distill.data import RawImages, load_rows
-    from distill.pack import PackedImages, pack_images
+    from distill.data.packed import PackedImages, pack_images
     from distill.transforms import crop_resize, random_view
 
     rows = load_rows(write_formats(source)["csv"])
@@ -210,7 +210,7 @@ def test_packed_store_replays_the_same_crops(source, tmp_path):
 
 def test_training_reads_the_packed_store(shapes, teacher, student, tmp_path):
     from distill import Distiller
-    from distill.pack import pack_images
+    from distill.data.packed import pack_images
 
     pack_images(str(shapes / "train.csv"), tmp_path / "pack", size=32, workers=1, progress=False)
     res = Distiller(teacher, student, output_dir=str(tmp_path / "run"), max_steps=4, batch_size=16, lr=1e-3,

@@ -97,7 +97,7 @@ def test_gate_fails_on_a_corrupted_export(pair, tmp_path, monkeypatch):
 
 def test_safetensors_export_keeps_weights_only(pair, tmp_path):
     from distill.export import export
-    from distill.students import load_student
+    from distill import load_student
 
     student, folder = pair
     res = export(folder, tmp_path / "st", "safetensors", towers=["image"], dtype="fp16")

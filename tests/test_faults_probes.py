@@ -234,7 +234,7 @@ def test_options_that_would_be_ignored_are_refused(teacher, shapes, tmp_path):
 
 
 def test_damaged_pack_and_empty_templates_name_themselves(shapes, tmp_path):
-    from distill.pack import PackedImages, pack_images
+    from distill.data.packed import PackedImages, pack_images
     from distill.templates import load_templates
 
     pack_images(str(shapes / "train.csv"), tmp_path / "pack", size=32, shard_size=64, workers=1, progress=False)

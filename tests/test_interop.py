@@ -71,7 +71,7 @@ def _assert_open_clip_equal(folder, student):
 @pytest.mark.parametrize("name", ["vit_tiny", "resnet18", "mobilevit_s", "two_tower"])
 def test_open_clip_round_trip(name, teacher, tmp_path):
     from distill.export import export, pair_with_teacher_text
-    from distill.students import load_student
+    from distill import load_student
 
     student = _student(name)
     if student.text is None:  # an image student + the open_clip teacher's own text tower
@@ -132,7 +132,7 @@ def test_open_clip_text_head_bias_folded_or_refused(tmp_path):
                                           ("two_tower", "mean")])
 def test_sentence_transformers_round_trip(name, pooling, tmp_path):
     from distill.export import export
-    from distill.students import load_student
+    from distill import load_student
 
     student = _student(name, pooling=pooling)
     res = export(student, tmp_path / "st", "sentence-transformers")
@@ -165,7 +165,7 @@ def test_timm_round_trip(name, tmp_path):
     from transformers import AutoModelForImageClassification
 
     from distill.export import export
-    from distill.students import load_student
+    from distill import load_student
 
     student = _student(name)
     res = export(student, tmp_path / "timm", "timm")
@@ -216,7 +216,7 @@ def _max_pooling_text_teacher(tmp_path):
 
 def test_pairing_keeps_the_teachers_text_embeddings(teacher, tmp_path):
     from distill.export import ExportError, pair_with_teacher_text
-    from distill.students import load_student
+    from distill import load_student
 
     text_teacher = _max_pooling_text_teacher(tmp_path)
     for t in (text_teacher, teacher):  # text: (max pooling) and open_clip teachers

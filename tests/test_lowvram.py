@@ -58,7 +58,7 @@ def test_grad_checkpointing_and_channels_last_train_the_same(teacher, shapes, tm
 
 def test_8bit_optimizer_needs_a_gpu():
     from distill.config import OptimCfg
-    from distill.trainer import make_optimizer
+    from distill.optim import make_optimizer
 
     with pytest.raises(ValueError, match="adamw8bit needs a CUDA GPU"):
         make_optimizer(torch.nn.Linear(2, 2), OptimCfg(optimizer="adamw8bit"), torch.device("cpu"))

@@ -47,7 +47,7 @@ def _one_line_error(capsys, command: str) -> str:
 # -- data loss --------------------------------------------------------------------------------------------------
 def test_an_export_into_a_folder_holding_another_export_is_refused(two_tower, tmp_path, capsys):
     from distill.cli import main
-    from distill.students import load_student
+    from distill import load_student
 
     _, folder = two_tower
     out = tmp_path / "exp" / "mixed"
@@ -83,7 +83,7 @@ def test_overwrite_never_deletes_the_teacher_the_run_reads(shapes, tmp_path):
 
 def test_in_place_export_is_refused(two_tower, capsys):
     from distill.cli import main
-    from distill.students import load_student
+    from distill import load_student
 
     _, folder = two_tower
     before = snapshot(folder)

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_student
 from distill import Distiller, load_student
-from distill.trainer import NonFiniteLossError
+from distill.errors import NonFiniteLossError
 
 FAST = dict(batch_size=16, num_workers=0, progress=False, warmup_steps=2, lr=3e-3)
 
@@ -156,7 +156,7 @@ def test_resumed_text_student_with_dropout_matches_uninterrupted_run(teacher, sh
 
 def test_run_identity_records_only_what_differs_from_the_defaults():
     from distill.config import Recipe, apply_options
-    from distill.loop import _with_defaults, run_identity
+    from distill.run import _with_defaults, run_identity
 
     plain = run_identity(Recipe())
     assert all(not v for v in plain["recipe"].values())  # an option added later, at its default, changes nothing

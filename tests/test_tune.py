@@ -109,7 +109,7 @@ def test_lit_with_queue_reloads_as_a_teacher_with_new_identity(shapes, tmp_path)
 
 def test_lora_trains_only_adapters_and_heads_and_merges_exactly(shapes, tmp_path):
     pytest.importorskip("peft")
-    from distill.students import load_student
+    from distill import load_student
     from distill.tune import add_lora, merge_lora
 
     model = two_tower()

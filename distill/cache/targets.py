@@ -74,7 +74,20 @@ class LiveTeacher(Targets):
                 embed_texts(self.teacher, texts) if self.has_text and texts else None)
 
 
-class CachedTeacher(Targets):
+class InBatch(Targets):
+    """Teacher embeddings the batch already carries (``batch["teacher_emb"]``: what a cache's collate adds, or
+    made-up ones for a probe of the step alone)."""
+
+    def __init__(self, embed_dim: int, has_image: bool = True, has_text: bool = True):
+        self.identity, self.embed_dim = {"backend": "in-batch", "name": ""}, embed_dim
+        self.has_image, self.has_text = has_image, has_text
+
+    def batch(self, batch: dict[str, Any], pixels: dict[str, torch.Tensor], device: torch.device):
+        cached = {k: v.to(device, non_blocking=True) for k, v in batch["teacher_emb"].items()}
+        return cached.get("image"), cached.get("text")
+
+
+class CachedTeacher(InBatch):
     """A teacher's embeddings read from a cache (``cache/``); the teacher itself is loaded only when rows the
     cache lacks must be encoded, and only when it is given or named."""
 
@@ -179,10 +192,6 @@ class CachedTeacher(Targets):
                                     recipe.train.seed, reader)
         return dataset, cached_collate(self.cache, make_collate(tokenizers, words))
 
-    def batch(self, batch: dict[str, Any], pixels: dict[str, torch.Tensor], device: torch.device):
-        cached = {k: v.to(device, non_blocking=True) for k, v in batch["teacher_emb"].items()}
-        return cached.get("image"), cached.get("text")
-
     def embed(self, images: list[str], texts: list[str], image_keys=None, text_keys=None):
         return (self.cache.image_embeddings(image_keys, [0] * len(image_keys)) if image_keys else None,
                 self.cache.text_embeddings(text_keys) if text_keys else None)
@@ -242,4 +251,4 @@ def _check_named(cache: EmbeddingCache, named: str, recipe: Any) -> None:
                                  "allow_stale=True (--allow-stale) to use it anyway.")
 
 
-__all__ = ["Targets", "LiveTeacher", "CachedTeacher", "targets_for", "DEFAULT_TEACHER"]
+__all__ = ["Targets", "LiveTeacher", "InBatch", "CachedTeacher", "targets_for", "DEFAULT_TEACHER"]
