@@ -38,7 +38,7 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001: exiting anyway
+        except Exception:  # noqa: BLE001 - exiting anyway
             pass
 
 

@@ -66,7 +66,7 @@ def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, l
     with acc.accumulate(model), acc.autocast():
         try:
             loss, terms, error = *model(batch), None
-        except Exception as e:  # noqa: BLE001: handed to check, which stops every process with it
+        except Exception as e:  # noqa: BLE001 - handed to check, which stops every process with it
             if check is None:
                 raise
             loss, terms, error = None, {}, e

@@ -45,6 +45,18 @@ class Registry:
             raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.list())}")
         return self._entries[name]
 
+    def register_lazy(self, name: str, target: str, **meta: Any) -> None:
+        """Register ``"module:attr"`` by name without importing it (the registry stays light: names can be
+        listed and checked without the heavy module); it is imported when first created."""
+
+        def load(**kwargs: Any) -> Any:
+            import importlib
+
+            module, attr = target.split(":")
+            return getattr(importlib.import_module(module), attr)(**kwargs)
+
+        self.register(load, name=name, **meta)
+
     def create(self, name: str, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return self.get(name).fn(**kwargs)

@@ -21,11 +21,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config.schema import IMAGE_MODES, TEXT_MODES  # noqa: F401  (the recipe's vocabulary, importable here)
 from .errors import RecipeError
 from .registry import Registry
 
-IMAGE_MODES = ("resize", "random", "grid", "block")
-TEXT_MODES = ("truncate", "random", "block", "syntax")
 
 
 # -- stages ------------------------------------------------------------------------------------------

@@ -9,6 +9,14 @@ def test_import_distill_is_light():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_help_is_instant_without_torch():
+    code = ("import sys\nfrom distill.cli import main\ntry:\n    main(['fit', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'timm', 'transformers', 'open_clip') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: distill fit" in out.stdout, out.stdout + out.stderr
+
+
 def test_public_names_resolve():
     import distill
 
@@ -27,6 +35,7 @@ MOVED = [  # (old module, name, new module): importable from the old place for o
     ("distill.trainer", "image_reader", "distill.data.packed"),
     ("distill.loop", "make_loader_factory", "distill.data.sampler"),
     ("distill.loop", "data_fingerprint", "distill.run"),
+    ("distill.cli", "teacher_from_identity", "distill.teachers"),
 ]
 
 

@@ -31,7 +31,7 @@ def create_open_clip_model(arch: str, pretrained: str | None = None, model_cfg: 
         _add_model_config(open_clip, arch, model_cfg)
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
-    except Exception as e:  # noqa: BLE001: open_clip reports unreadable weights with many types
+    except Exception as e:  # noqa: BLE001 - open_clip reports unreadable weights with many types
         raise _weights_error(arch, pretrained, e) from None
     pc = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = pc.get("size", model.visual.image_size)

@@ -85,7 +85,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return load_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001: unpickling errors have many types
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types
         why = ("weights_only=True: it holds Python objects besides tensors, never unpickled: that could run code"
                if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {first_line(e, 160)}")
         raise FileFormatError(f"{path}: not a weights file torch can read safely ({why}); save a plain state dict, "

@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dist import gather_rows
-from .errors import RecipeError
-from .registry import Registry
-
-LOSSES = Registry("loss")
+from ..dist import gather_rows
+from ..errors import RecipeError
+from . import LOSSES
 
 
 @dataclass
@@ -64,7 +62,7 @@ def full_precision(x: torch.Tensor):
 
 def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
     if not terms:
-        from .errors import ModelError
+        from ..errors import ModelError
 
         raise ModelError("no student/teacher embeddings to compare in this batch: the student's towers and the "
                          "teacher's (or the cache's) embeddings have no modality in common")
@@ -270,13 +268,6 @@ class AffinityLoss(nn.Module):
         log_p_s = F.log_softmax(s @ ref.t() / self.tau, dim=-1)
         log_p_t = F.log_softmax(t @ ref.t() / self.tau, dim=-1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-
-
-LOSSES.register(lambda **kw: CosineLoss(**kw), name="cosine", kind="regression")
-LOSSES.register(lambda **kw: MSELoss(**kw), name="mse", kind="regression")
-LOSSES.register(lambda **kw: SmoothL1Loss(**kw), name="smooth_l1", kind="regression")
-LOSSES.register(lambda **kw: ContrastiveLoss(**kw), name="contrastive", kind="contrastive")
-LOSSES.register(lambda **kw: AffinityLoss(**kw), name="affinity", kind="contrastive")
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
