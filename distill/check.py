@@ -126,9 +126,8 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
     """Scan every row of ``source``; write ``clean.jsonl``, ``rejected.jsonl`` and ``report.json``
     into ``out`` when given (a new folder, or with ``overwrite`` one holding another clip-distill
     artifact; never one that holds the data). ``max_pixels`` is PIL's decompression-bomb limit."""
-    from tqdm.auto import tqdm
-
     from .outputs import claim, image_folders, inputs_of
+    from .progress import progress as report
 
     rows: Rows = as_rows(source)
     if out is not None:
@@ -139,8 +138,8 @@ def check_data(source: Any, out: str | os.PathLike | None = None, workers: int |
     workers = workers or min(8, os.cpu_count() or 1)
     info: dict[str, ImageInfo] = {}
     if paths:
-        with ProcessPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="check", unit="img",
-                                                         disable=not progress) as bar:
+        with ProcessPoolExecutor(workers) as pool, report(len(paths), "check", "img",
+                                                           enabled=progress) as bar:
             for i in pool.map(inspect_image, paths, chunksize=16):
                 info[i.path] = i
                 bar.update(1)

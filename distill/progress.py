@@ -37,7 +37,7 @@ class Lines:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.every_s, self.stream, self.disable = every_s, stream or sys.stderr, disable
         self.start = self.last = time.monotonic()
-        self.start_n, self.postfix, self._closed = initial, "", False
+        self.start_n, self.postfix, self._closed, self._shown = initial, "", False, initial
         self._next_fraction = 0.1
 
     def update(self, n: int = 1) -> None:
@@ -50,7 +50,7 @@ class Lines:
             self._emit(now)
 
     def _emit(self, now: float) -> None:
-        self.last = now
+        self.last, self._shown = now, self.n
         done = self.n - self.start_n
         rate = done / max(now - self.start, 1e-9)
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"]
@@ -75,7 +75,7 @@ class Lines:
             self.stream.flush()
 
     def close(self) -> None:
-        if not self._closed and not self.disable and self.n > self.start_n:
+        if not self._closed and not self.disable and self.n != self._shown:  # the end, unless just shown
             self._emit(time.monotonic())
         self._closed = True
 

@@ -225,13 +225,15 @@ def test_split_build_across_processes_equals_one_process(teacher, shapes, tmp_pa
     main process writes the manifest), run here one process after the other."""
     data = str(shapes / "train.csv")
     rows = load_rows(data)
+    from distill.cache.manifest import finish_manifest, start_manifest
+
     svc = _service(teacher, tmp_path / "split")
-    manifest = svc._start_manifest(2, 0, (0.5, 1.0), (3 / 4, 4 / 3))
+    manifest = start_manifest(svc.dir, svc.expected(2, 0, (0.5, 1.0), (3 / 4, 4 / 3)))
     plans = svc.plan_images(rows), svc.plan_texts(rows)  # planned before any shard is written
     for rank in (1, 0):
         svc.encode_images(plans[0], manifest, rank=rank, world=2)
         svc.encode_texts(plans[1], manifest, rank=rank, world=2)
-    svc.finish_manifest(manifest)
+    finish_manifest(svc.dir, manifest)
     _service(teacher, tmp_path / "one").build(data, views=2)
     a, b = _arrays(tmp_path / "split"), _arrays(tmp_path / "one")
     assert a.keys() == b.keys() and len([k for k in a if k.startswith("images/")]) == 15  # 5 shards x 3 files

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import time
@@ -22,11 +21,12 @@ import numpy as np
 import torch
 
 from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_errors, read_problem
-from ..errors import CacheError, CacheMismatchError, RunConflictError
-from ..io import atomic_write_bytes, read_json, write_json
+from ..errors import CacheError, RunConflictError
+from ..io import atomic_write_bytes, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
 from .keys import image_keys, text_key
-from .store import DTYPES, FORMAT, KINDS, build_fields, build_key, compare, read_meta
+from .manifest import build_key_of, done_keys, finish_manifest, recorded_paths, start_manifest
+from .store import DTYPES, FORMAT, KINDS, build_fields, build_key
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +182,14 @@ class TeacherService:
                 self._check_writable()
                 for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
                     tmp.unlink(missing_ok=True)
-                manifest = self._start_manifest(views, seed, scale, ratio, flip)
+                manifest = start_manifest(self.dir, self.expected(views, seed, scale, ratio, flip))
             except (CacheError, RunConflictError) as e:
                 failure = e
         failure = dist.broadcast_object(failure)  # every process stops with the main one's message
         if failure is not None:
             raise failure
         if rank != 0:
-            manifest = self._start_manifest(views, seed, scale, ratio, flip)  # checks and reads it
+            manifest = start_manifest(self.dir, self.expected(views, seed, scale, ratio, flip))  # checks and reads it
         summary = BuildSummary()
         self.teacher.to(self.device)
         image_plan = self.plan_images(rows) if self.teacher.has_image and rows.has_images else None
@@ -203,7 +203,7 @@ class TeacherService:
             summary.texts_encoded = self.encode_texts(text_plan, manifest, on_shard, rank, world)
         barrier()
         if rank == 0:
-            manifest = self.finish_manifest(manifest)
+            manifest = finish_manifest(self.dir, manifest)
         barrier()  # no process reads the cache before its manifest is complete
         if rank != 0:
             return summary
@@ -237,76 +237,17 @@ class TeacherService:
             raise CacheError(f"{self.dir}: cannot write the cache there ({e.strerror or e}); choose a writable "
                              "folder") from None
 
-    def _start_manifest(self, views, seed, scale, ratio, flip=False) -> dict[str, Any]:
-        expected = self.expected(views, seed, scale, ratio, flip)
-        path = self.dir / "manifest.json"
-        if path.exists():
-            try:
-                current = read_json(path)
-            except ValueError as e:
-                raise CacheError(f"{path}: cannot be read ({e}); delete the cache folder and build again") from None
-            if current.get("format") != FORMAT:
-                raise CacheError(f"{self.dir}: holds a cache of another format ({current.get('format')!r}); "
-                                 "build into a new folder")
-            diff = compare(current, {k: v for k, v in expected.items() if k != "build"})
-            if diff:
-                raise CacheMismatchError(f"{self.dir} holds a cache built differently ({diff}); "
-                                         "build into another folder or delete this one")
-            return current
-        foreign = self._foreign_shards(expected)
-        if foreign:
-            raise CacheMismatchError(f"{self.dir} has no manifest.json but holds {foreign}; they cannot be "
-                                     "added to: build into another folder, or delete this one")
-        manifest = {**expected, "complete": False, "counts": {"images": 0, "texts": 0, "skipped": 0},
-                    "fingerprint": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(path, manifest)
-        return manifest
-
-    def _foreign_shards(self, expected: dict[str, Any]) -> str:
-        """'' when the folder holds no shard, or only shards of this very build (a lost manifest is
-        rewritten then), else what the others are. A build writes its manifest before any shard."""
-        other, unknown, diff = 0, 0, ""
-        for kind in KINDS:
-            for meta in (self.dir / kind).glob("shard_*.json"):
-                try:
-                    m = read_json(meta)
-                except ValueError:
-                    unknown += 1
-                    continue
-                if m.get("build") != expected["build"]:
-                    other += 1
-                    diff = diff or compare(m.get("built_with") or {}, build_fields(expected))
-            unknown += sum(1 for f in (self.dir / kind).glob("shard_*.npy")
-                           if not (f.parent / (f.name.split(".")[0] + ".json")).exists())
-        parts = [f"{other} shards built differently ({diff or 'another teacher, preprocessing or view policy'})"] \
-            if other else []
-        parts += [f"{unknown} shard files of unknown origin"] if unknown else []
-        return " and ".join(parts)
-
-    def _done(self, kind: str, build: str) -> tuple[set[str], int]:
-        """Keys already in finished shards (and skipped there), and the next shard number."""
-        seen, n = set(), 0
-        for meta_file in sorted((self.dir / kind).glob("shard_*.json")):
-            m = read_meta(meta_file)
-            if m.get("build") != build:
-                raise CacheMismatchError(f"{meta_file}: built with another teacher, preprocessing or view policy "
-                                         "than this cache's manifest; build into another folder")
-            seen.update(m["ids"])
-            seen.update(s["id"] for s in m.get("skipped", []))
-            n = max(n, int(meta_file.stem.split("_")[1]) + 1)
-        return seen, n
-
     def plan_images(self, rows: Rows, build: str | None = None) -> ImagePlan:
         """Images the cache lacks, cut into numbered shards (number, start, end) before anything runs:
         the same cut on every process and after every restart, which makes resumed and split builds
         identical to a plain one."""
         from .keys import KeyIndex
 
-        build = build or self._build_key()
+        build = build or build_key_of(self.dir)
         paths = list(dict.fromkeys(p for p in rows.images if p))  # unique, first-seen order
-        index = KeyIndex(self._recorded_paths())
+        index = KeyIndex(recorded_paths(self.dir))
         keys, located = image_keys(paths, index, progress=self.progress)
-        done, first_shard = self._done("images", build)
+        done, first_shard = done_keys(self.dir, "images", build)
         pending, seen = [], set()
         for p, k, loc in zip(paths, keys, located):
             if k not in done and k not in seen:  # the same picture under two paths is encoded once
@@ -315,15 +256,6 @@ class TeacherService:
         shards = [(first_shard + j, s0, min(s0 + self.shard_size, len(pending)))
                   for j, s0 in enumerate(range(0, len(pending), self.shard_size))]
         return ImagePlan([p for p, _, _ in pending], [k for _, k, _ in pending], [x for _, _, x in pending], shards)
-
-    def _build_key(self) -> str:
-        return read_json(self.dir / "manifest.json")["build"]
-
-    def _recorded_paths(self):
-        for meta_file in sorted((self.dir / "images").glob("shard_*.json")):
-            m = read_meta(meta_file)
-            for key, real, st in zip(m["ids"], m.get("paths", []), m.get("stat", [])):
-                yield real, st[0], st[1], key
 
     def encode_images(self, plan: ImagePlan, manifest: dict[str, Any], on_shard=None, rank: int = 0,
                       world: int = 1) -> int:
@@ -387,7 +319,7 @@ class TeacherService:
         """Captions the cache lacks, cut into numbered shards (number, start)."""
         texts = rows.teacher_texts if rows.teacher_texts is not None else rows.captions
         captions = list(dict.fromkeys(c for c in texts if c is not None))
-        done, first_shard = self._done("texts", build or self._build_key())
+        done, first_shard = done_keys(self.dir, "texts", build or build_key_of(self.dir))
         pending = [(c, text_key(c)) for c in captions if text_key(c) not in done]
         return pending, [(first_shard + j, s0) for j, s0 in enumerate(range(0, len(pending), self.shard_size))]
 
@@ -423,26 +355,6 @@ class TeacherService:
             encoded += len(good)
         bar.close()
         return encoded
-
-    def finish_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Merge every finished shard into the manifest (shards, checksums, counts, fingerprint) and skipped.jsonl."""
-        shards, counts, skipped, ids = {}, {"images": 0, "texts": 0}, [], []
-        for kind in KINDS:
-            shards[kind] = []
-            for meta_file in sorted((self.dir / kind).glob("shard_*.json")):
-                m = read_meta(meta_file)
-                shards[kind].append({"name": meta_file.stem, "rows": m["rows"], "sha256": m.get("sha256", {})})
-                counts[kind] += m["rows"]
-                skipped.extend({"kind": kind, **s} for s in m.get("skipped", []))
-                ids.extend(m["ids"])
-        lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped)
-        atomic_write_bytes(self.dir / "skipped.jsonl", lines.encode("utf-8"))
-        ids.sort()
-        manifest.update(shards=shards, counts={**counts, "skipped": len(skipped)}, complete=True,
-                        fingerprint=hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20])
-        write_json(self.dir / "manifest.json", manifest)
-        return manifest
-
 
 def _save(path: Path, array: np.ndarray) -> str:
     data = _np_bytes(array)
@@ -482,9 +394,9 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str):
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0, dynamic_ncols=True)
+    return progress(total, desc, unit, enabled=enabled and total > 0)
 
 
 __all__ = ["TeacherService", "BuildSummary", "view_for", "MIN_SIDE"]

@@ -122,13 +122,13 @@ def image_keys(paths: Sequence[str], index: KeyIndex | None = None, progress: bo
         keys = [None] * len(paths)  # a file changed behind its size and mtime: trust no record, hash them all
     todo = [i for i, k in enumerate(keys) if k is None]
     if todo:
-        from tqdm.auto import tqdm
+        from ..progress import progress as report
 
         files = [i for i in todo if "::" not in paths[i] and not paths[i].startswith("hf://")]
         plain = set(files)
         others = [i for i in todo if i not in plain]  # tar handles are not shared across threads
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="hash images", unit="img",
-                                                       disable=not progress or len(todo) < 2000) as bar:
+        with ThreadPoolExecutor(workers) as pool, report(len(todo), "hash images", "img",
+                                                         enabled=progress and len(todo) >= 2000) as bar:
             for i, key in zip(files, pool.map(content_key, [paths[i] for i in files])):
                 keys[i] = key
                 bar.update(1)

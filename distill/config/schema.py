@@ -111,7 +111,7 @@ class TrainCfg:
     log_every: int = 10
     resume: bool = False  # continue from the last checkpoint in output_dir (of the same run)
     overwrite: bool = False  # start again in an output_dir that holds a run: its checkpoints and logs are deleted
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # progress reports: a live bar on a terminal, a plain line every 30 s in a log
     health_every: int = 200  # steps between health checks on a held-out slice; 0 = off
     health_rows: int = 256  # images held out for them (at most a tenth of the data; off below 32)
     cpu: bool = False  # force CPU even when a GPU is present

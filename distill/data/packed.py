@@ -68,9 +68,8 @@ def pack_images(source: Any, out: str | os.PathLike, size: int = 224, shard_size
 
 def _pack(paths: list[str], out: Path, size: int, shard_size: int, workers: int | None,
           progress: bool) -> PackSummary:
-    from tqdm.auto import tqdm
-
     from ..io import atomic_write
+    from ..progress import progress as report
 
     index: dict[str, list[int]] = {}
     skipped, shard, buf, total = [], 0, [], 0
@@ -84,8 +83,8 @@ def _pack(paths: list[str], out: Path, size: int, shard_size: int, workers: int 
             shard, buf = shard + 1, []
 
     workers = workers or min(8, os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="pack", unit="img",
-                                                     disable=not progress) as bar:
+    with ProcessPoolExecutor(workers) as pool, report(len(paths), "pack", "img",
+                                                       enabled=progress) as bar:
         for path, (arr, (w, h), err) in zip(paths, pool.map(_decode, [(p, size) for p in paths], chunksize=32)):
             bar.update(1)
             if err is not None:
