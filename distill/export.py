@@ -55,10 +55,9 @@ def _parity_table(fmt: str, gate: tuple[float, float], result: dict[str, Any]) -
         lines += ["", f"zero-shot top-1: PyTorch {z['pytorch']:.4f}, export {z['onnx']:.4f} (delta {z['delta']:+.4f})"]
     if "preprocess" in result:
         p = result["preprocess"]
-        lines += ["", f"preprocess config ({', '.join(p['keys'])}) matches the student's: {p['config_match']}; "
-                  f"with each side's own preprocessing of {p['n']} images: mean cosine {p['mean_cosine']:.6f}, "
-                  f"max pixel difference {p['max_pixel_diff']:.3g} (reported, not gated: resize-then-crop vs "
-                  "crop-then-resize round differently on non-square images)"]
+        lines += ["", f"preprocess: the student's embeddings of {p['n']} images through its own eval transform and "
+                  f"through the export's own preprocessing (config {', '.join(p['keys'])} the same: "
+                  f"{p['config_match']}; max pixel difference {p['max_pixel_diff']:.3g})"]
     if "calibration" in result:
         c = result["calibration"]
         lines += ["", f"static INT8 calibrated on {c['images']} images, none of them among the {c['parity_images']} "
@@ -75,7 +74,8 @@ def gate_failures(result: dict[str, Any], gate: tuple[float, float]) -> list[str
     """What fails the gate, one phrase per failing statistic."""
     bad = []
     for name, r in _checked(result).items():
-        name = name.replace("image", "image tower", 1) if name.startswith("image") else f"{name} tower"
+        name = {"preprocess": "the export's own preprocessing"}.get(name) or (
+            name.replace("image", "image tower", 1) if name.startswith("image") else f"{name} tower")
         if not r["mean_cosine"] >= gate[0]:
             bad.append(f"{name} mean cosine {r['mean_cosine']:.5f} < {gate[0]}")
         if not r["p1_cosine"] >= gate[1]:

@@ -59,12 +59,20 @@ class View:
         return cls(float(a[0]), float(a[1]), float(a[2]), float(a[3]), bool(a[4] > 0.5))
 
 
-def eval_view(width: int, height: int, resize_mode: str = "shortest") -> View:
-    """The eval transform as a view: the centred square (shortest) or the whole image (squash)."""
+def eval_view(width: int, height: int, resize_mode: str = "shortest", size: int | None = None) -> View:
+    """The eval transform as a view: the whole image (squash), or the centre crop (shortest). With the output
+    ``size`` the crop is exactly CLIP's and open_clip's (resize the short side to ``size``, then centre-crop
+    ``size`` x ``size``, with torchvision's rounding), so the pixels equal theirs; without it, the centred
+    square of the original."""
     if resize_mode == "squash":
         return View(0.0, 0.0, 1.0, 1.0)
-    side = min(width, height)
-    return View((width - side) / 2 / width, (height - side) / 2 / height, side / width, side / height)
+    if size is None:
+        side = min(width, height)
+        return View((width - side) / 2 / width, (height - side) / 2 / height, side / width, side / height)
+    # torchvision Resize(size) on a PIL image, then CenterCrop(size): the crop in the resized image's pixels
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return View(left / new_w, top / new_h, min(size, new_w) / new_w, min(size, new_h) / new_h)
 
 
 def random_view(
@@ -166,7 +174,8 @@ def to_tensor(array: np.ndarray, cfg: PreprocessCfg) -> "torch.Tensor":
 def eval_array(image, cfg: PreprocessCfg) -> np.ndarray:
     """PIL image -> normalised float32 CHW array with the eval view (no torch needed)."""
     image = to_rgb(image)
-    return to_array(crop_resize(image, eval_view(*image.size, cfg.resize_mode), cfg.image_size, cfg.interpolation), cfg)
+    view = eval_view(*image.size, cfg.resize_mode, cfg.image_size)
+    return to_array(crop_resize(image, view, cfg.image_size, cfg.interpolation), cfg)
 
 
 def eval_transform(cfg: PreprocessCfg):
@@ -174,6 +183,6 @@ def eval_transform(cfg: PreprocessCfg):
 
     def transform(image) -> "torch.Tensor":
         image = to_rgb(image)
-        return apply_view(image, eval_view(*image.size, cfg.resize_mode), cfg)
+        return apply_view(image, eval_view(*image.size, cfg.resize_mode, cfg.image_size), cfg)
 
     return transform

@@ -4,7 +4,9 @@ embeddings with the student's, moves the folder and loads it again."""
 import copy
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +245,40 @@ def test_cli_exports_each_format(teacher, tmp_path, capsys):
     assert "text: mean cosine to PyTorch 1.00000" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "s"), "--format", "open_clip", "--towers", "image",
                  "--out", str(tmp_path / "x")]) == 2  # a library error, one line
+
+
+# -- the same pixels everywhere (issue 26) -------------------------------------------------------------------
+def test_the_eval_crop_is_clips_resize_then_centre_crop():
+    """Resize the short side, then centre-crop, with torchvision's rounding: the pixels CLIP's and open_clip's
+    preprocessing give, on odd sizes and both orientations."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from distill.transforms import PreprocessCfg, eval_array
+
+    rng = np.random.default_rng(0)
+    for w, h, size in ((500, 333, 224), (333, 500, 96), (97, 61, 64), (640, 427, 260), (64, 64, 64)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).resize((w, h))
+        cfg = PreprocessCfg(size, (0.0,) * 3, (1.0,) * 3, "bicubic")
+        ref = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                         T.PILToTensor()])(im).numpy() / 255.0
+        got = eval_array(im, cfg)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 3 / 255, (w, h, size, np.abs(got - ref).max())
+
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
+
+
+@pytest.mark.skipif(not (ASSETS / "flickr1k" / "captions.csv").exists(), reason="real photos absent")
+def test_open_clip_export_gives_the_students_embeddings_through_open_clips_preprocessing(tmp_path):
+    import csv
+
+    from distill.export import export
+
+    photos = sorted((ASSETS / "flickr1k" / "images").iterdir())[:40]
+    with open(tmp_path / "photos.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *[(str(p), "a photo") for p in photos]])
+    student = _student("two_tower")
+    res = export(student, tmp_path / "oc", "open_clip", data=str(tmp_path / "photos.csv"))
+    p = res.parity["preprocess"]
+    assert p["config_match"] and p["n"] == 40 and p["min_cosine"] >= 0.999 and p["max_pixel_diff"] < 0.1

@@ -31,11 +31,13 @@ from .store import DTYPES, FORMAT, KINDS, build_fields, build_key
 log = logging.getLogger(__name__)
 
 
-def view_for(image_key: str, view: int, width: int, height: int, policy: dict[str, Any]) -> View:
-    """View ``view`` of an image: 0 = eval transform, else a seeded random-resized crop (+ flip when
-    the policy has it). Seeded by (seed, image key, view): the same image gets the same crops anywhere."""
+def view_for(image_key: str, view: int, width: int, height: int, policy: dict[str, Any],
+             size: int | None = None) -> View:
+    """View ``view`` of an image: 0 = the teacher's eval transform (at its input ``size``), else a seeded
+    random-resized crop (+ flip when the policy has it). Seeded by (seed, image key, view): the same image
+    gets the same crops anywhere."""
     if view == 0:
-        return eval_view(width, height, policy["resize_mode"])
+        return eval_view(width, height, policy["resize_mode"], size)
     rng = np.random.default_rng([policy["seed"], int(image_key[-15:], 16), view])
     return random_view(rng, width, height, scale=tuple(policy["scale"]), ratio=tuple(policy["ratio"]),
                        flip=bool(policy.get("flip", False)))
@@ -65,7 +67,7 @@ class _ViewDataset(torch.utils.data.Dataset):
         problem = image_problem(*size)  # the rule `distill data check` rejects by
         if problem:
             return {"i": i, "error": problem}
-        views = [view_for(self.keys[i], v, *size, self.policy) for v in range(self.policy["views"])]
+        views = [view_for(self.keys[i], v, *size, self.policy, self.pre.image_size) for v in range(self.policy["views"])]
         crops = np.stack([crop_resize(image, v, self.pre.image_size, self.pre.interpolation) for v in views])
         # uint8 crosses to the main process (4x less than float); normalised on the teacher's device
         return {"i": i, "pixels": torch.from_numpy(crops).permute(0, 3, 1, 2), "views": np.stack([v.as_array() for v in views])}

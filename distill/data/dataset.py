@@ -45,9 +45,9 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def view_for(self, index: int, epoch: int, width: int, height: int) -> View:
-        if not self.augment:
-            mode = next(iter(self.views.values())).resize_mode if self.views else "shortest"
-            return eval_view(width, height, mode)
+        if not self.augment:  # the eval crop at the teacher's size: the view 0 a cache of that teacher stores
+            cfg = self.views.get("teacher") or next(iter(self.views.values()), None)
+            return eval_view(width, height, cfg.resize_mode if cfg else "shortest", cfg.image_size if cfg else None)
         rng = np.random.default_rng([self.seed, epoch, index])
         return random_view(rng, width, height, scale=self.crop_scale, flip=self.flip)
 
