@@ -85,22 +85,6 @@ class Evaluation:
         return out
 
 
-def in_photo_space(student, photo):
-    """The student with the photo teacher's text head after its own: it learnt the teacher's sentence
-    embedding, which that head maps into the photo teacher's shared space (a linear map: exact)."""
-    import copy
-
-    out = copy.deepcopy(student)
-    head = photo.text.proj
-    if head.bias is not None or out.text.proj.bias is not None:
-        raise SystemExit("--photo-teacher: composing heads needs bias-free projections")
-    proj = torch.nn.Linear(out.text.proj.in_features, head.out_features, bias=False)
-    with torch.no_grad():
-        proj.weight.copy_(head.weight @ out.text.proj.weight)
-    out.text.proj, out.text.embed_dim, out.embed_dim = proj, head.out_features, head.out_features
-    return out
-
-
 def photo_retrieval(photo_dir: Path, students: dict, queries: dict, english) -> dict:
     """Text->image R@1/R@5 on the 200 flickr1k photos the photo teacher (benchmarks/quality_real.py:
     EfficientNet-Lite0 + MiniLM, heads tuned) held out: captions in each language query the photos,
@@ -116,7 +100,8 @@ def photo_retrieval(photo_dir: Path, students: dict, queries: dict, english) -> 
     images = embed_images(photo, held_photos)
     sets = {"en": english, **queries}
     out = {"teacher": str(photo_dir), "photos": len(held_photos), "languages": {}}
-    models = {"teacher": photo, **{k: in_photo_space(m, photo) for k, m in students.items()}}
+    # the students learnt MiniLM's sentence embedding, which the photo teacher's text head maps into its space
+    models = {"teacher": photo, **{k: m.into_space_of(photo, "text") for k, m in students.items()}}
     keep = set(held_photos)
     for x, rows in sets.items():
         pairs = [(c, os.path.realpath(i)) for i, c in zip(rows.images, rows.captions)

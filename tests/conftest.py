@@ -48,7 +48,3 @@ def student():
 
     torch.manual_seed(0)
     return tiny_student()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "multiprocess: launches real processes (torchrun, gloo); -m multiprocess")

@@ -247,6 +247,29 @@ class Student(nn.Module):
         done = [t.set_grad_checkpointing(enable) for t in (self.image, self.text) if t is not None]
         return any(done)
 
+    def into_space_of(self, model: "Student", tower: str = "text") -> "Student":
+        """A copy of this student with ``model``'s ``tower`` projection head after its own: for a student that
+        learnt the output of ``model``'s trunk (a text student distilled from a two-tower model's text
+        encoder), its embeddings in ``model``'s shared space. Both heads are linear and bias-free, so the
+        composition is exact; this student is left as it is."""
+        mine, theirs = getattr(self, tower), getattr(model, tower)
+        if mine is None or theirs is None or mine.head is None or theirs.head is None:
+            raise ModelError(f"into_space_of: both models need a {tower} tower with a projection head of its own")
+        if mine.head.bias is not None or theirs.head.bias is not None:
+            raise ModelError("into_space_of: composing heads needs bias-free projections")
+        if theirs.head.in_features != mine.head.out_features:
+            raise ModelError(f"into_space_of: this student's {tower} embedding has {mine.head.out_features} dims and "
+                             f"the other head reads {theirs.head.in_features}")
+        out = copy.deepcopy(self)
+        tower_copy = getattr(out, tower)
+        proj = nn.Linear(mine.head.in_features, theirs.head.out_features, bias=False)
+        with torch.no_grad():
+            proj.weight.copy_(theirs.head.weight @ mine.head.weight)
+        tower_copy.proj, out.embed_dim = proj, theirs.head.out_features
+        if hasattr(tower_copy, "embed_dim"):
+            tower_copy.embed_dim = theirs.head.out_features
+        return out
+
     # -- persistence --------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"format": FORMAT, "distill_version": __version__, "embed_dim": self.embed_dim}

@@ -1,5 +1,6 @@
-"""benchmarks/quality_real.py's tiny smoke mode runs the image track end to end on generated stand-ins of the real
-assets (the text track is the unchanged code of earlier runs)."""
+"""The benchmarks' smoke modes end to end on generated stand-ins of the real assets: benchmarks/quality_real.py's
+image track and benchmarks/token_reduction.py. Selected by .ci/run (the library's own tests never import a
+benchmark script)."""
 import csv
 import importlib.util
 import json
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+pytestmark = pytest.mark.benchmark_smoke
 
 
 def _photo(path: Path, rng, size=(48, 40)):
@@ -82,9 +86,9 @@ def test_token_reduction_smoke_mode_writes_the_runs(tmp_path):
     runs = {(r["tower"], r["name"]): r for r in result["runs"]}
     assert set(runs) == {("image", "full"), ("image", "random_0.5"), ("image", "resize_half"),
                          ("text", "full"), ("text", "syntax_8"), ("text", "truncate_8")}
-    for key, r in runs.items():
-        assert r["train_per_s"] > 0 and r["wall_s"] > 0 and 0.0 <= r["score"] <= 1.0, key
-        assert len(r["stages"]) == (1 if r["name"] == "full" else 2), key
+    for key, r in runs.items():  # rates are timings: present, never asserted (no test depends on the clock)
+        assert isinstance(r["train_per_s"], float) and isinstance(r["wall_s"], float), key
+        assert 0.0 <= r["score"] <= 1.0 and len(r["stages"]) == (1 if r["name"] == "full" else 2), key
     staged = json.loads((tmp_path / "work" / "image" / "random_0.5" / "log.jsonl").read_text().splitlines()[-1])
     assert staged["stage"] == 2 and staged["step"] == sum(runs[("image", "random_0.5")]["steps"])
     assert {"image_random_0.5_speedup", "text_syntax_8_speedup"} <= set(result["targets"])

@@ -1,0 +1,47 @@
+"""benchmarks/multilingual.py's smoke mode on the real Multi30k sentences (skipped when they are absent)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import create_student
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ASSETS = ROOT.parent / "shared" / "assets"
+pytestmark = pytest.mark.benchmark_smoke
+
+
+def _benchmark():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "multilingual.py"
+    spec = importlib.util.spec_from_file_location("multilingual_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+
+@pytest.mark.skipif(not (ASSETS / "multi30k" / "parallel-train.csv").exists(), reason="real Multi30k assets absent")
+def test_benchmark_smoke_writes_the_fields_the_issue_names(tmp_path):
+    bench = _benchmark()
+    torch.manual_seed(0)
+    photo = create_student("vit_tiny+bert_small", embed_dim=384, image_size=32,
+                           image_kwargs={"model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+                           text_kwargs={"pretrained": "minilm", "num_layers": 1})
+    photo.save(tmp_path / "photo")
+    bench.main(["--smoke", "--limit", "120", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                "--photo-teacher", str(tmp_path / "photo")])
+    result = json.loads((tmp_path / "out" / "multilingual_smoke_cpu.json").read_text())
+    for lang in ("de", "fr"):
+        v = result["languages"][lang]
+        assert set(v) == {"student_r1", "student_r5", "teacher_r1", "teacher_r5"}
+        assert 0 <= v["student_r1"] <= v["student_r5"] <= 1
+        assert set(result["scratch"]["languages"][lang]) == set(v)
+    assert set(result["english"]) == {"student_r1", "teacher_r1"} and result["english"]["teacher_r1"] > 0.5
+    photos = result["photos"]
+    assert photos["photos"] == 200 and set(photos["languages"]) == {"en", "de", "fr"}
+    assert photos["languages"]["de"]["queries"] > 0
+    assert {"teacher_t2i_r1", "student_t2i_r5", "scratch_t2i_r1"} <= set(photos["languages"]["de"])
+    assert result["params"]["student"] < result["params"]["teacher"]
