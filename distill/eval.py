@@ -199,11 +199,6 @@ def image_cost(model: Any, device: str = "cpu", iters: int = 5) -> dict[str, flo
     return out
 
 
-def _tower(model: Any, name: str):
-    inner = model.model if hasattr(model, "model") and hasattr(model.model, "image") else model
-    return getattr(inner, name, None)
-
-
 def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any = None,
                   templates: Sequence[str] | None = None, device: str = "cpu",
                   queries: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -223,16 +218,11 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
     from .templates import IMAGENET_TEMPLATES
 
     templates = tuple(templates or IMAGENET_TEMPLATES)
-    s_has_img, s_has_txt = _tower(student, "image") is not None, _tower(student, "text") is not None
+    s_has_img, s_has_txt = student.has_image, student.has_text
     res: dict[str, Any] = {"teacher": {}, "student": {}, "per_class": {}, "cosines": []}
     for name, model in (("teacher", teacher), ("student", student)):
         r = res[name]
-        r["params_image"] = count_params(_tower(model, "image"))
-        r["params_text"] = count_params(_tower(model, "text"))
-        if name == "teacher" and not r["params_image"]:  # a backend without separate towers (open_clip, HF)
-            inner = getattr(model, "model", model)
-            r["params_image"] = count_params(getattr(inner, "visual", None) or getattr(inner, "vision_model", None))
-            r["params_text"] = count_params(inner) - r["params_image"]
+        r["params_image"], r["params_text"] = model.num_params("image"), model.num_params("text")
         if (name == "teacher" or s_has_img) and getattr(model, "preprocess", None) is not None:
             r.update(image_cost(model, device))
     t_has_img = getattr(teacher, "has_image", True)

@@ -172,6 +172,14 @@ class Student(nn.Module):
         return "both" if self.image is not None and self.text is not None else ("image" if self.image else "text")
 
     @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    @property
     def preprocess(self) -> PreprocessCfg | None:
         return self.image.preprocess if self.image is not None else None
 

@@ -51,6 +51,20 @@ class Teacher(nn.Module):
     def has_text(self) -> bool:
         return True
 
+    def num_params(self, tower: str | None = None) -> int:
+        """Parameters of the whole teacher, or of its ``image`` / ``text`` tower (``image_module`` is the image
+        tower; the text tower is the rest)."""
+        total = sum(p.numel() for p in self.parameters())
+        if tower is None:
+            return total
+        image = self.image_module()
+        n_image = sum(p.numel() for p in image.parameters()) if image is not None else 0
+        return n_image if tower == "image" else total - n_image
+
+    def image_module(self) -> nn.Module | None:
+        """The module that is the image tower (backends override; None: no image tower)."""
+        return None
+
     @property
     def image_transform(self):
         """PIL image -> tensor with the teacher's own eval preprocessing."""

@@ -33,6 +33,9 @@ class FolderTeacher(Teacher):
     def has_text(self) -> bool:
         return self.model.text is not None
 
+    def image_module(self):
+        return self.model.image
+
     def tokenize(self, texts: Sequence[str]):
         return self.model.tokenize(texts)
 

@@ -44,6 +44,10 @@ class HFClipTeacher(Teacher):
         self._pad_max = pad_max  # SigLIP was trained with max_length padding
         self.freeze()
 
+    def image_module(self):
+        return torch.nn.ModuleList([m for m in (getattr(self.model, "vision_model", None),
+                                                getattr(self.model, "visual_projection", None)) if m is not None])
+
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())

@@ -25,6 +25,9 @@ class OpenClipTeacher(Teacher):
         self.model_cfg = model_cfg  # open_clip's architecture config: rebuilds the towers offline (pairing, export)
         self.freeze()
 
+    def image_module(self):
+        return self.model.visual
+
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
