@@ -78,9 +78,15 @@ class MissingDependencyError(DistillError, ImportError):
     """An optional package is needed; the message gives the pip command."""
 
 
+class ProcessStoppedError(DistillError, RuntimeError):
+    """Several processes: another process failed (the message names it and its cause), or stopped answering
+    (it died, or waited longer than ``train.dist_timeout``)."""
+
+
 __all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "MissingFileError", "FileFormatError",
            "ModelError", "CacheError", "CacheMismatchError", "CacheMissError",
-           "RunConflictError", "ExportError", "ExportGateError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError"]
+           "RunConflictError", "ExportError", "ExportGateError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError",
+           "ProcessStoppedError", "user_message"]
 
 
 def first_line(e: BaseException, limit: int | None = None) -> str:
@@ -96,3 +102,24 @@ def unreachable(e: BaseException, what: str, key: str, fix: str) -> BaseExceptio
     if isinstance(e, OSError) and not isinstance(e, DistillError):
         return ModelError(f"{key}: {what} cannot be loaded ({first_line(e, 160)}); {fix}")
     return e
+
+
+_SYSTEM = {28: "no space left on the disk", 122: "disk quota exceeded", 30: "the file system is read-only",
+           13: "permission denied", 5: "input/output error (the disk or the network share failed)"}
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix (this library's, a missing or unwritable file, a full
+    disk, memory), or None for a bug."""
+    if isinstance(e, DistillError):
+        return str(e)
+    if isinstance(e, OSError) and getattr(e, "filename", None):  # missing file, permission, disk full
+        return f"{e.strerror or e} ({e.filename})"
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _SYSTEM:
+        return f"{_SYSTEM[e.errno]} ({first_line(e, 200)})"
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return ("out of memory: lower train.batch_size (with train.grad_accum to keep the effective batch), or see "
+                "`distill plan --vram`")
+    return None

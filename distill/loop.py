@@ -20,10 +20,10 @@ from torch import nn
 
 from . import dist
 from ._compat import forward
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from .config import Recipe, save_recipe
 from .data import Rows
-from .errors import NonFiniteLossError, RecipeError, RunConflictError
+from .errors import NonFiniteLossError, RecipeError
 from .io import read_json, write_json
 from .optim import apply_memory_options, lr_at, make_optimizer, seed_everything
 from .precision import resolve_precision
@@ -56,30 +56,35 @@ class _OneProcess:
 
 
 def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float = 0.0,
-               accelerator: Any = None, check: Callable[[Any, dict, BaseException | None], None] | None = None):
-    """One micro-step of a step module whose forward is the loss (``model(batch) -> (loss, terms)``): forward,
-    backward, and at the end of an accumulation window the learning rate, gradient clipping and the optimiser
-    step. ``accelerator``: accelerate's (mixed precision, accumulation, several processes), or None for a
-    plain step. ``check(loss, terms, error)`` runs between forward and backward (every process stopping
-    together). Returns the loss (detached) and its terms."""
-    acc = accelerator or _OneProcess()
+               accelerator: Any = None, check: Callable[[torch.Tensor, dict], None] | None = None,
+               stop: Callable[[str], Any] | None = None):
+    """One micro-step of a step module: forward (``model.embed(batch)`` on this process's rows, then
+    ``model.loss_of(...)``, whose gathers see every process's; a module with only ``forward`` is called
+    whole), backward, and at the end of an accumulation window the gradient average over processes, the
+    learning rate, clipping and the optimiser step. ``accelerator``: accelerate's (mixed precision,
+    accumulation), or None for a plain step. ``check(loss, terms)`` may refuse the loss (a NaN).
+    ``stop(what)``: ``dist.stop_together`` under several processes: each region that can fail on one
+    process ends in a status check, so no process enters a collective another one will never reach.
+    Returns the loss (detached) and its terms."""
+    acc, stop = accelerator or _OneProcess(), stop or (lambda what: nullcontext())
     with acc.accumulate(model), acc.autocast():
-        try:
-            loss, terms, error = *model(batch), None
-        except Exception as e:  # noqa: BLE001 - handed to check, which stops every process with it
-            if check is None:
-                raise
-            loss, terms, error = None, {}, e
-        if check is not None:
-            check(loss, terms, error)
-        acc.backward(loss)
+        with stop("in the forward pass"):
+            parts = model.embed(batch) if hasattr(model, "embed") else None
+        loss, terms = model.loss_of(parts) if parts is not None else model(batch)
+        with stop("with its loss"):
+            if check is not None:
+                check(loss, terms)
+        with stop("in the backward pass"):
+            acc.backward(loss)
         if acc.sync_gradients:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            dist.average_gradients([p for p in model.parameters() if p.requires_grad])
+            with stop("in the optimiser step"):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     return loss.detach(), terms
 
 
@@ -123,9 +128,9 @@ class TrainLoop:
             return self.resume_from
         t = self.cfg.train
         dist.state(cpu=t.cpu, timeout_s=t.dist_timeout)  # the process group, with the run's timeout
-        outcome: tuple[str, str] = ("ok", "")
-        if dist.is_main():
-            try:
+        found = None
+        with dist.stop_together("while claiming the output folder"):
+            if dist.is_main():
                 found = claim_output_dir(self.output_dir, t, self.run_info, inputs=self.inputs)
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 if found is not None:
@@ -133,13 +138,8 @@ class TrainLoop:
                     for f in ("log.jsonl", "health.jsonl"):
                         _truncate_log(self.output_dir / f, step)
                 write_json(self.output_dir / "run.json", {"id": _hash(self.run_info), "run": self.run_info})
-                outcome = ("ok", str(found) if found is not None else "")
-            except RunConflictError as e:
-                outcome = ("conflict", str(e))
-        outcome = dist.broadcast_object(outcome)
-        if outcome[0] == "conflict":
-            raise RunConflictError(outcome[1])
-        self.resume_from = Path(outcome[1]) if outcome[1] else None
+        found = dist.broadcast_object(str(found) if found is not None else "", "the output folder's decision")
+        self.resume_from = Path(found) if found else None
         self._claimed = True
         return self.resume_from
 
@@ -163,14 +163,17 @@ class TrainLoop:
     def run(self) -> tuple[dict[str, list[float]], int]:
         cfg, t = self.cfg, self.cfg.train
         resume_from = self.claim()
-        seed_everything(t.seed)
+        seed_everything(t.seed + dist.rank())  # each process its own dropout masks (and its own state in checkpoints)
         acc = self._accelerator()
         self.device = acc.device
         if acc.is_main_process:
             save_recipe(cfg, self.output_dir / "recipe.yaml")
-        self.modules.to(acc.device)
-        apply_memory_options(self.modules, t)
-        model, optimizer = acc.prepare(self.modules, make_optimizer(self.modules, cfg.optim, acc.device))
+        # not wrapped in DDP: the gradient average runs after every process's backward (train_step), so a
+        # failure on one process is known to all before any of them enters that collective
+        model = self.modules.to(acc.device)
+        apply_memory_options(model, t)
+        dist.broadcast_module(model)  # every process starts from the main process's weights, as DDP would
+        optimizer = acc.prepare(make_optimizer(model, cfg.optim, acc.device))
         step, consumed, history = 0, 0, {"loss": []}
         if resume_from is not None:
             step, consumed, history = self._resume(resume_from, acc, model, optimizer)
@@ -191,8 +194,8 @@ class TrainLoop:
                 self.seen += self.images_per_batch(batch) * acc.num_processes
                 with self.times("step"):
                     loss, terms = train_step(model, batch, optimizer, lr_at(step, cfg), cfg.optim.grad_clip, acc,
-                                             check=lambda loss, terms, error: self._stop_together(error, loss, terms,
-                                                                                                   step))
+                                             check=lambda loss, terms: self._check_loss(loss, terms, step),
+                                             stop=dist.stop_together)
                     # the loss of the whole global batch: the mean over processes (also the step's sync point)
                     values = dist.mean(torch.tensor([float(loss), *terms.values()], dtype=torch.float64,
                                                     device=dist.collective_device(acc.device)))
@@ -210,7 +213,7 @@ class TrainLoop:
         return history, step
 
     def _resume(self, path: Path, acc, model, optimizer) -> tuple[int, int, dict[str, list[float]]]:
-        state = load_checkpoint(path, acc.unwrap_model(model), optimizer, scaler=acc.scaler, extra=self.modules)
+        state = load_checkpoint(path, model, optimizer, scaler=acc.scaler, extra=self.modules, rank=dist.rank())
         if state.get("max_steps") not in (None, self.cfg.train.max_steps):
             log.warning("train.max_steps is %d now, %d when the run started: the learning-rate schedule "
                         "follows the new value from here", self.cfg.train.max_steps, state["max_steps"])
@@ -234,21 +237,23 @@ class TrainLoop:
                 self.warned = self._warn_if_slow(times.data_fraction(), acc)
             if step % t.log_every == 0 and step - self.first > 2:
                 times.reset_window()
-        if acc.is_main_process:
-            with times("hooks"):
+        with times("hooks"), dist.stop_together(f"in a hook after step {step}"):
+            if acc.is_main_process:
                 for hook in self.hooks:
                     hook(step)
 
     def _checkpoint(self, step: int, consumed: int, history, acc, model, optimizer) -> None:
+        """The main process writes the checkpoint (every process's RNG in it); no process runs ahead of it, and
+        a write that fails (a full disk) stops every process, leaving no half-written checkpoint."""
         t = self.cfg.train
         with self.times("checkpoint"):
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(self.output_dir / "checkpoints", step, acc.unwrap_model(model), optimizer,
-                                {"consumed": consumed, "history": history, "run": _hash(self.run_info),
-                                 "max_steps": t.max_steps},
-                                keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules)
-            acc.wait_for_everyone()  # no process runs ahead of a checkpoint being written
+            rngs = dist.gather_objects(rng_state(), "the gather of every process's random state")
+            with dist.stop_together(f"while writing the checkpoint of step {step}"):
+                if acc.is_main_process:
+                    save_checkpoint(self.output_dir / "checkpoints", step, model, optimizer,
+                                    {"consumed": consumed, "history": history, "run": _hash(self.run_info),
+                                     "max_steps": t.max_steps},
+                                    keep=t.keep_checkpoints, scaler=acc.scaler, extra=self.modules, rngs=rngs)
 
     def _finish(self, step: int, acc) -> None:
         times = self.times
@@ -278,49 +283,36 @@ class TrainLoop:
                 bar.write(msg) if not bar.disable else log.info(msg)
         return index
 
-    def _stop_together(self, error, loss, terms, step: int) -> None:
-        """Stop every process when any process hit an error or a non-finite loss, with its message."""
-        bad = error is not None or not bool(torch.isfinite(loss.detach()).all())
-        if not dist.any_process(bad):
-            return
-        if error is not None:
-            msg = f"{type(error).__name__}: {error}"
-        elif bad:
+    def _check_loss(self, loss: torch.Tensor, terms: dict[str, float], step: int) -> None:
+        """A non-finite loss stops the run (every process, through ``train_step``'s status check)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
             last = (list_checkpoints(self.output_dir / "checkpoints") or ["none"])[-1]
-            msg = (f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. Last checkpoint: "
-                   f"{last}. Try a lower optim.lr, optim.grad_clip > 0, or train.precision=no.")
-        else:
-            msg = ""
-        reports = dist.gather_objects((dist.rank(), msg, error is not None))
-        if error is not None:
-            raise error  # this process's own error, with its type and traceback
-        who, first, failed = next(r for r in reports if r[1])
-        where = f" (process {who} of {dist.world()})" if dist.world() > 1 else ""
-        if failed:
-            from .errors import DistillError
-
-            raise DistillError(f"stopped because another process failed{where}: {first}")
-        raise NonFiniteLossError(first + where)
+            raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step + 1} (terms: {terms}); stopping. "
+                                     f"Last checkpoint: {last}. Try a lower optim.lr, optim.grad_clip > 0, or "
+                                     "train.precision=no.")
 
     def _next_batch(self, loader: Iterator) -> tuple[dict[str, Any], int]:
-        """Next batch with rows; rows left out (unreadable images...) go to the SkipLog (of the main
-        process, which hears of every process's)."""
+        """Next batch with rows on every process. Each process fetches once per round and every process joins
+        the round's one gather (the rows each left out, for the SkipLog, and whether it has rows), so the
+        collectives and the batch counts stay in step whatever the data: a round where any process has no
+        usable row is fetched again by all."""
         n = 0
         while True:
-            batch = next(loader)
+            with dist.stop_together("reading its next batch"):
+                batch = next(loader)
             n += 1
-            skipped = list(batch.get("skipped", ()))
-            if dist.world() > 1:
-                skipped = [x for part in dist.gather_objects(skipped) for x in part]
+            reports = dist.gather_objects((list(batch.get("skipped", ())), "index" in batch), "the batch status")
             if self.skips is not None and self.rows is not None:
-                for i, reason in skipped:
-                    self.skips.add(self.rows, int(i), reason)
-            if "index" in batch:
+                for skipped, _ in reports:
+                    for i, reason in skipped:
+                        self.skips.add(self.rows, int(i), reason)
+            if all(has_rows for _, has_rows in reports):
                 return batch, n
             if n > 1000:
                 from .errors import DataError
 
-                raise DataError("1000 batches in a row had no usable rows; run `distill data check` on the data")
+                raise DataError("1000 batches in a row had no usable rows on some process; run `distill data check` "
+                                "on the data")
 
     def _warn_if_slow(self, fraction: float, acc) -> bool:
         """Say once that loading is the bottleneck, and what would fix it."""

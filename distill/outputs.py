@@ -58,7 +58,7 @@ _PARITY = ("parity.json", "parity.md", "README.md")
 _OWNS: dict[str, tuple[str, ...]] = {
     RUN: ("run.json", "log.jsonl", "health.jsonl", "skipped.jsonl", "recipe.yaml", "checkpoints", "student", "model",
           "features", "distill", "events.out.tfevents*"),
-    CACHE: ("manifest.json", "images", "texts", "skipped.jsonl"),
+    CACHE: ("manifest.json", "images", "texts", "skipped.jsonl", "checked.json"),
     "an open_clip export": ("open_clip_config.json", "open_clip_model.safetensors", "timm", "text", *_TOKENIZER,
                             *_PARITY),
     "a sentence-transformers model": ("modules.json", "config.json", "model.safetensors", "[0-9]_*",

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import tokens
+from . import dist, tokens
 from .data import PairDataset, Rows, make_collate, make_loader_factory, split_usable
 from .data.packed import image_reader
 from .errors import DataError
@@ -56,6 +56,7 @@ def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hol
     """Batches of ``rows`` for training ``model`` (a Student) with ``targets`` (the teacher side, see
     ``cache.targets``; None when the model trains on its own, as in contrastive tuning)."""
     r = recipe
+    dist.state(cpu=r.train.cpu, timeout_s=r.train.dist_timeout)  # several processes: the group, with the run's timeout
     # the rules of `distill data check`: in data with images, a row without one is left out, as is a row
     # without a caption in data with captions
     keep, why = split_usable(rows, need_image=rows.has_images, need_caption=rows.has_text)
@@ -79,10 +80,14 @@ def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hol
     options = dict(batch_size=r.train.batch_size, seed=r.train.seed, pin=torch.cuda.is_available() and not r.train.cpu,
                    num_workers=r.data.num_workers if rows.has_images else 0,
                    lengths=model.token_counts(train_rows.captions) if r.data.group_by_length else None)
+    fingerprint = None
+    with dist.stop_together("while fingerprinting the data"):  # one process reads the data, the others hear it
+        if dist.is_main():
+            fingerprint = data_fingerprint(train_rows, train_keys[0] if train_keys else None, progress=r.train.progress)
+    fingerprint = dist.broadcast_object(fingerprint, "the data fingerprint")
     return Pipeline(rows, train_rows, rows.subset(held), dataset, collate,
-                    make_loader_factory(dataset, collate, **options),
-                    data_fingerprint(train_rows, train_keys[0] if train_keys else None, progress=r.train.progress),
-                    skipped, train_keys, pick(held), options)
+                    make_loader_factory(dataset, collate, **options), fingerprint, skipped, train_keys, pick(held),
+                    options)
 
 
 def _dataset(rows: Rows, keys: tuple | None, r: Any, model: Any, targets: Any):

@@ -57,12 +57,15 @@ def data_fingerprint(rows: Rows, image_keys: list[str | None] | None = None, pro
     """Hash of what a run trains on, row by row: each image's content key (``cache.keys``) and its
     caption. Independent of where the data folder lives (a moved folder still resumes), but not of
     what the images hold: an edited or swapped image makes it another run. ``image_keys``: the rows'
-    keys when already known (a cached run), else the images are hashed (one pass over the files)."""
+    keys when already known (a cached run), else the images are hashed, each once across runs: their keys are
+    kept by real path, size and mtime (``cache.keys.StoredKeys``), so a later start only stats the files."""
     if image_keys is None:
-        from .cache.keys import image_keys as content_keys
+        from .cache.keys import StoredKeys, image_keys as content_keys, locate
 
         unique = list(dict.fromkeys(p for p in rows.images if p))
-        keys, _ = content_keys(unique, progress=progress)
+        stored = StoredKeys()
+        keys, located = content_keys(unique, stored.index([locate(p) for p in unique]), progress=progress)
+        stored.add(located, keys)
         by_path = dict(zip(unique, keys))
         image_keys = [by_path[p] if p else None for p in rows.images]
     h = hashlib.sha256()

@@ -197,6 +197,10 @@ class DistillStep(nn.Module):
         self.stage, self.generator = None, None  # the schedule's stage (fewer tokens), set by the loop each step
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_of(self.embed(batch))
+
+    def embed(self, batch: dict[str, Any]) -> Embeddings:
+        """The batch's teacher targets and the student's embeddings of this process's rows (no collective)."""
         dev = next(self.student.parameters()).device
         targets = self._targets[0]
         pre = {"student": self.student.preprocess, "teacher": getattr(targets.teacher, "preprocess", None)}
@@ -211,6 +215,10 @@ class DistillStep(nn.Module):
         if "student" in batch.get("tokens", {}):
             e.s_txt = tokens.text_features(self.student, batch["tokens"]["student"], st and st.text_tokens, gen,
                                            batch.get("token_priority"))
+        return e
+
+    def loss_of(self, e: Embeddings) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted losses (contrastive terms gather every process's rows)."""
         return self.loss(e)
 
     @property

@@ -112,6 +112,10 @@ class TuneStep(nn.Module):
         return tower.proj(rows) if table.head else rows
 
     def forward(self, batch):
+        return self.loss_of(self.embed(batch))
+
+    def embed(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, text embeddings, caption ids) of this process's rows (no collective)."""
         model, lock = self.model, self.lock
         for name in LOCKED.get(lock, ()):
             getattr(model, name).eval()  # no dropout / statistics updates in a locked tower
@@ -129,8 +133,12 @@ class TuneStep(nn.Module):
 
         img = self._side("image", batch["index"].tolist(), image, dev)
         txt = self._side("text", batch["captions"], text, dev)
-        ids = caption_ids(batch["captions"]).to(dev)
-        side = {"text": "text", "image": "image"}.get(lock)
+        return img, txt, caption_ids(batch["captions"]).to(dev)
+
+    def loss_of(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        """The CLIP loss over every process's rows (and the queue of past ones)."""
+        img, txt, ids = parts
+        side = {"text": "text", "image": "image"}.get(self.lock)
         loss = clip_loss(img, txt, self.loss.logit_scale, ids, self.queue.get(side) if self.queue else None)
         if self.queue is not None:  # every process pushes every process's rows: one queue
             self.queue.push(gather_rows(txt if side == "text" else img)[0], gather_rows(ids)[0])

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..data import MIN_SIDE, RawImages, Rows, as_rows, image_problem, read_errors, read_problem
-from ..errors import CacheError, RunConflictError
+from ..dist import broadcast_object, stop_together
+from ..errors import CacheError
 from ..io import atomic_write_bytes, write_json
 from ..transforms import PreprocessCfg, View, crop_resize, eval_view, normalize, random_view
 from .keys import image_keys, text_key
@@ -171,42 +172,35 @@ class TeacherService:
         teacher's eval transform). Under ``accelerate launch`` every process encodes its share."""
         _check_policy(views, scale, ratio)
         tic = time.perf_counter()
-        rank, world, barrier, device = _process()
+        rank, world, device = _process()
         if device is not None and self.device.type == "cuda":
             self.device = device
         rows = as_rows(data, **row_kwargs)
-        from .. import dist
-
-        failure = None
-        if rank == 0:  # before the other processes write anything
-            try:
+        expected = self.expected(views, seed, scale, ratio, flip)
+        plans: tuple = (None, None)
+        with stop_together("while checking the cache folder and planning the build"):
+            if rank == 0:  # before any process writes anything; the plan hashes new images once, here
                 self._check_place(rows)
                 self._check_writable()
                 for tmp in self.dir.rglob(".*.tmp"):  # leftovers of a killed build
                     tmp.unlink(missing_ok=True)
-                manifest = start_manifest(self.dir, self.expected(views, seed, scale, ratio, flip))
-            except (CacheError, RunConflictError) as e:
-                failure = e
-        failure = dist.broadcast_object(failure)  # every process stops with the main one's message
-        if failure is not None:
-            raise failure
-        if rank != 0:
-            manifest = start_manifest(self.dir, self.expected(views, seed, scale, ratio, flip))  # checks and reads it
+                start_manifest(self.dir, expected)
+                plans = (self.plan_images(rows) if self.teacher.has_image and rows.has_images else None,
+                         self.plan_texts(rows) if self.teacher.has_text else None)
+        image_plan, text_plan = broadcast_object(plans, "the build's plan")  # the same shards on every process
+        manifest = start_manifest(self.dir, expected)  # the main process's (checked against what this one expects)
         summary = BuildSummary()
         self.teacher.to(self.device)
-        image_plan = self.plan_images(rows) if self.teacher.has_image and rows.has_images else None
-        text_plan = self.plan_texts(rows) if self.teacher.has_text else None
-        barrier()  # every process has planned before any shard is written
-        if image_plan is not None:
-            t0 = time.perf_counter()
-            summary.images_encoded = self.encode_images(image_plan, manifest, on_shard, rank, world)
-            summary.image_seconds = time.perf_counter() - t0
-        if text_plan is not None:
-            summary.texts_encoded = self.encode_texts(text_plan, manifest, on_shard, rank, world)
-        barrier()
-        if rank == 0:
-            manifest = finish_manifest(self.dir, manifest)
-        barrier()  # no process reads the cache before its manifest is complete
+        with stop_together("while encoding its shards of the cache"):
+            if image_plan is not None:
+                t0 = time.perf_counter()
+                summary.images_encoded = self.encode_images(image_plan, manifest, on_shard, rank, world)
+                summary.image_seconds = time.perf_counter() - t0
+            if text_plan is not None:
+                summary.texts_encoded = self.encode_texts(text_plan, manifest, on_shard, rank, world)
+        with stop_together("while finishing the cache's manifest"):
+            if rank == 0:
+                manifest = finish_manifest(self.dir, manifest)  # no process reads the cache before it is complete
         if rank != 0:
             return summary
         summary.images_cached = manifest["counts"]["images"]
@@ -374,13 +368,13 @@ def _check_policy(views: int, scale: Sequence[float], ratio: Sequence[float]) ->
 
 
 def _process():
-    """(rank, world, barrier, device): from accelerate when launched distributed, else one process."""
+    """(rank, world, device): from accelerate when launched distributed, else one process."""
     from .. import dist
 
     state = dist.state()
     if state is not None:
-        return state.process_index, state.num_processes, dist.barrier, state.device
-    return 0, 1, lambda: None, None
+        return state.process_index, state.num_processes, state.device
+    return 0, 1, None
 
 
 def _default_device() -> torch.device:

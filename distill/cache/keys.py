@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import stat
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
@@ -68,6 +69,49 @@ def content_key(path: str) -> str:
         return bytes_key(image_bytes(path)) if is_member(path) else _file_key(path)
     except read_errors():  # missing, unreadable: a row the run skips; the key is per path so a fixed file gets read
         return MISSING + bytes_key(os.path.abspath(path).encode("utf-8"))
+
+
+class StoredKeys:
+    """A ``KeyIndex`` kept on disk (SQLite, in the clip-distill cache folder) across runs: content keys of
+    images a run hashed before, by real path, size and mtime. An online run's data fingerprint hashes each
+    image once, not at every start. Unwritable (a read-only home): it keeps nothing, and nothing fails."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        from ..io import cache_root
+
+        self.path = Path(path) if path is not None else cache_root() / "image_keys.sqlite"
+        self._db = None
+        try:
+            import sqlite3
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=30)
+            self._db.execute("CREATE TABLE IF NOT EXISTS keys (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
+                             "key TEXT)")
+        except Exception as e:  # noqa: BLE001 - sqlite3.Error, OSError: a cache we cannot keep is no error
+            log.info("image keys are not kept between runs (%s: %s)", self.path, e)
+            self._db = None
+
+    def index(self, located: Sequence[tuple[str, tuple[int, int] | None]]) -> KeyIndex:
+        """The stored keys of the files ``located`` names (real path, stat)."""
+        found: list[tuple[str, int, int, str]] = []
+        reals = [r for r, st in located if st is not None]
+        for i in range(0, len(reals), 900) if self._db is not None else ():
+            part = reals[i:i + 900]
+            found += self._db.execute(f"SELECT path, size, mtime, key FROM keys WHERE path IN "
+                                      f"({','.join('?' * len(part))})", part).fetchall()
+        return KeyIndex(found)
+
+    def add(self, located: Sequence[tuple[str, tuple[int, int] | None]], keys: Sequence[str]) -> None:
+        if self._db is None:
+            return
+        rows = [(r, st[0], st[1], k) for (r, st), k in zip(located, keys) if st is not None
+                and not k.startswith(MISSING)]
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)", rows)
+        except Exception as e:  # noqa: BLE001 - a read-only or full disk: keys are simply hashed again next time
+            log.info("image keys not stored (%s: %s)", self.path, e)
 
 
 class KeyIndex:

@@ -128,12 +128,16 @@ class EmbeddingCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike, check_values: bool = True) -> "EmbeddingCache":
-        """Open a finished cache; ``check_values`` also scans every stored number for NaN/inf."""
+        """Open a finished cache; ``check_values`` also checks every stored row (finite unit vectors, crops
+        inside the image), once per shard file: a check that passed is recorded (``checked.json``: each
+        file's size and mtime) and not repeated while the file is unchanged. Rows are checked again as
+        batches read them."""
         path = Path(path)
         cache = cls(path, read_manifest(path))
         m = cache.manifest
         k, d, build = int(m["view_policy"]["views"]), int(m["embed_dim"]), m["build"]
         entries = []
+        checked = _Checked(path) if check_values else None
         for kind in KINDS:
             for s, shard in enumerate(m["shards"].get(kind, [])):
                 base = path / kind / shard["name"]
@@ -151,8 +155,9 @@ class EmbeddingCache:
                 if emb.shape != want:
                     raise CacheError(f"{files['emb']}: shape {emb.shape}, expected {want} from the manifest "
                                      f"(views {k}, dim {d}); rebuild this shard")
-                if check_values:
+                if checked is not None and not checked.done(files["emb"]):
                     _check_finite(emb, files["emb"], meta)
+                    checked.add(files["emb"])
                 index = cache.image_index if kind == "images" else cache.text_index
                 index.update({key: (s, r) for r, key in enumerate(meta["ids"])})
                 cache.skipped.update({x["id"]: x.get("reason", "skipped") for x in meta.get("skipped", [])})
@@ -160,8 +165,9 @@ class EmbeddingCache:
                     views = load_array(files["views"])
                     if views.shape != (n, k, 5):
                         raise CacheError(f"{files['views']}: shape {views.shape}, expected {(n, k, 5)}; rebuild this shard")
-                    if check_values:
+                    if checked is not None and not checked.done(files["views"]):
                         _check_views(views, files["views"], meta)
+                        checked.add(files["views"])
                     cache._images.append(emb)
                     cache._views.append(views)
                     cache._paths.append(meta.get("paths") or [""] * n)
@@ -170,6 +176,8 @@ class EmbeddingCache:
                 else:
                     cache._texts.append(emb)
         cache.key_index = KeyIndex(entries)
+        if checked is not None:
+            checked.save()
         return cache
 
     @property
@@ -300,6 +308,44 @@ class EmbeddingCache:
                 if cos < 0.99:
                     problems.append(f"{p} view {v}: stored embedding has cosine {cos:.4f} to a fresh one")
         return problems
+
+
+class _Checked:
+    """Shard files whose values were checked, by name, size and mtime (``checked.json`` in the cache): a start
+    reads each shard's values once, not at every open. Only the main process records; a read-only cache is
+    checked at every open."""
+
+    FILE = "checked.json"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        try:
+            self.seen: dict[str, list[int]] = read_json(folder / self.FILE)
+        except (OSError, ValueError):
+            self.seen = {}
+        self.new = False
+
+    @staticmethod
+    def _stat(file: Path) -> list[int]:
+        st = file.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def done(self, file: Path) -> bool:
+        return self.seen.get(str(file.relative_to(self.folder))) == self._stat(file)
+
+    def add(self, file: Path) -> None:
+        self.seen[str(file.relative_to(self.folder))] = self._stat(file)
+        self.new = True
+
+    def save(self) -> None:
+        from .. import dist
+        from ..io import write_json
+
+        if self.new and dist.is_main():
+            try:
+                write_json(self.folder / self.FILE, self.seen)
+            except OSError:  # a read-only cache: checked again next time
+                pass
 
 
 def _check_views(views: np.ndarray, file: Path, meta: dict[str, Any]) -> None:

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's agent ends the other processes when one fails
+        import signal
+
+        signal.signal(signal.SIGTERM, _ended_by_launcher)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill {args.command}: internal error ({type(e).__name__}). This is a bug in clip-distill: "
                   f"please report it at {REPORT_URL} with the command and the traceback above.", file=sys.stderr)
             return 1
+        message += _process_tag(e)
         # one write, so lines from several processes sharing a terminal do not interleave
         sys.stderr.write(f"distill {args.command}: error: {message}\n")
         sys.stderr.flush()
@@ -84,20 +89,30 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
 
 
-def user_error(e: BaseException) -> str | None:
-    """The one-line message of an error the user can fix, or None for a bug."""
-    from ..errors import DistillError
+def _ended_by_launcher(signum: int, frame: object) -> None:
+    from ..errors import ProcessStoppedError
 
-    if isinstance(e, DistillError):
-        return str(e)
-    if isinstance(e, OSError) and getattr(e, "filename", None):  # missing file, permission, disk full
-        return f"{e.strerror or e} ({e.filename})"
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return str(e)
-    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-        return ("out of memory on the GPU: lower train.batch_size (with train.grad_accum to keep the effective "
-                "batch), or see `distill plan --vram`")
-    return None
+    raise ProcessStoppedError(f"stopped by the launcher (torchrun): another process ended, it failed or was killed "
+                              f"(process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})")
+
+
+def _process_tag(e: BaseException) -> str:
+    """`` (process 1 of 2)`` for this process's own error under several processes (a ProcessStoppedError
+    names the process that failed itself)."""
+    if "torch" not in sys.modules:
+        return ""
+    from ..dist import where
+    from ..errors import ProcessStoppedError
+
+    tag = where()
+    return "" if isinstance(e, ProcessStoppedError) or tag.strip() in str(e) else tag
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug (``errors.user_message``)."""
+    from ..errors import user_message
+
+    return user_message(e)
 
 
 __getattr__ = forward(__name__, {"teacher_from_identity": "distill.teachers:teacher_from_identity"})  # moved

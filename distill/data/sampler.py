@@ -78,7 +78,8 @@ def make_loader_factory(dataset, collate, batch_size: int, seed: int, num_worker
 class _RankSampler(torch.utils.data.Sampler):
     """Process ``rank`` of ``world`` takes its slice of each global batch (``world`` x the micro-batch),
     starting after ``consumed`` batches: N processes at micro-batch B see, step by step, exactly the
-    rows one process sees at N*B."""
+    rows one process sees at N*B. Batches grouped by length are sorted longest first, so each process takes
+    every ``world``-th row of them instead of a block: no process always gets the longest rows."""
 
     def __init__(self, base: EpochBatchSampler, consumed: int, rank: int, world: int):
         self.base, self.consumed, self.rank, self.world = base, consumed, rank, world
@@ -86,6 +87,9 @@ class _RankSampler(torch.utils.data.Sampler):
     def __iter__(self):
         self.base.start_batch = self.consumed
         for batch in self.base:
+            if self.base.lengths is not None:
+                yield batch[self.rank::self.world]
+                continue
             per = -(-len(batch) // self.world)
             yield batch[self.rank * per:(self.rank + 1) * per]
 

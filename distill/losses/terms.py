@@ -168,10 +168,10 @@ def _clip_loss(img, txt, logit_scale, ids, queue, gather) -> torch.Tensor:
     if queue is not None and len(queue[1]):
         side, q, q_ids = queue
         q, q_ids = q.to(img.device), q_ids.to(img.device)
-        if side == "text":
-            cols_txt, ids_txt = torch.cat([txt, q]), torch.cat([ids, q_ids])
+        if side == "text":  # every process's rows, then the queue's: the columns one process at N*B would see
+            cols_txt, ids_txt = torch.cat([txt_all, q]), torch.cat([ids_all, q_ids])
         else:
-            cols_img, ids_img = torch.cat([img, q]), torch.cat([ids, q_ids])
+            cols_img, ids_img = torch.cat([img_all, q]), torch.cat([ids_all, q_ids])
     return (info_nce(img, cols_txt, ids[:, None] == ids_txt[None, :], scale)
             + info_nce(txt, cols_img, ids[:, None] == ids_img[None, :], scale)) / 2
 
