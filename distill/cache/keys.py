@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -82,13 +83,11 @@ class StoredKeys:
         self.path = Path(path) if path is not None else cache_root() / "image_keys.sqlite"
         self._db = None
         try:
-            import sqlite3
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30)
             self._db.execute("CREATE TABLE IF NOT EXISTS keys (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
                              "key TEXT)")
-        except Exception as e:  # noqa: BLE001 - sqlite3.Error, OSError: a cache we cannot keep is no error
+        except (sqlite3.Error, OSError) as e:  # a cache we cannot keep is no error
             log.info("image keys are not kept between runs (%s: %s)", self.path, e)
             self._db = None
 
@@ -110,7 +109,7 @@ class StoredKeys:
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)", rows)
-        except Exception as e:  # noqa: BLE001 - a read-only or full disk: keys are simply hashed again next time
+        except (sqlite3.Error, OSError) as e:  # a read-only or full disk: keys are simply hashed again next time
             log.info("image keys not stored (%s: %s)", self.path, e)
 
 

@@ -75,7 +75,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_array(path: Path, mmap: bool = True) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as e:  # truncated, header damaged, not .npy at all
+    except (ValueError, OSError, EOFError) as e:  # truncated, header damaged, not .npy at all
         raise CacheError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:100]}); the shard is damaged: "
                          "run `distill cache verify` on the cache, delete the damaged shard (its .npy and .json "
                          "files) and run `distill cache build` again to re-encode it") from None

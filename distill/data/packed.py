@@ -126,7 +126,7 @@ class PackedImages:
             f = self.folder / f"images_{n:05d}.npy"
             try:
                 arr = np.load(f, mmap_mode="r", allow_pickle=False)
-            except Exception as e:  # missing, truncated, header damaged
+            except (ValueError, OSError, EOFError) as e:  # missing, truncated, header damaged
                 raise FileFormatError(f"{f}: the packed store is damaged ({type(e).__name__}: {str(e)[:80]}); pack "
                                       "the images again with `distill data pack`") from None
             if arr.ndim != 4 or arr.shape[1:] != (self.size, self.size, 3) or len(arr) < need[n]:
