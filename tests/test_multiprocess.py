@@ -34,6 +34,17 @@ def _launch(args: list[str], procs: int = 2, timeout: int = 240, env: dict | Non
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _start_until_first_checkpoint(args: list[str], run: Path, **popen) -> subprocess.Popen:
+    """Start a two-process fit in the background; return once its first checkpoint is on disk."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(), *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / "step_00000004" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, shapes):
     """A saved teacher, a cache of the shapes data built by one process, and a recipe that trains from it."""
@@ -160,14 +171,10 @@ def test_a_nan_on_one_process_stops_both_with_the_message(setup, tmp_path):
 
 def test_killed_and_resumed_two_process_run_equals_an_uninterrupted_one(setup, two_processes, tmp_path):
     run = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
-           "-m", "distill.cli", "fit", str(setup / "recipe.yaml"), f"train.output_dir={run}", "train.batch_size=8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 180
-    while not (run / "checkpoints" / "step_00000004" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
+    proc = _start_until_first_checkpoint(["-m", "distill.cli", "fit", str(setup / "recipe.yaml"),
+                                           f"train.output_dir={run}", "train.batch_size=8"], run,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, as a node crash would
     proc.wait()
     done = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
@@ -356,14 +363,9 @@ def test_a_killed_process_stops_the_other_with_a_message(setup, tmp_path):
     import psutil
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
-           "-m", "distill.cli", *_fit(setup, run, "train.dist_timeout=30", "train.max_steps=400")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 180
-    while not (run / "checkpoints" / "step_00000004" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
+    proc = _start_until_first_checkpoint(["-m", "distill.cli", *_fit(setup, run, "train.dist_timeout=30",
+                                                                     "train.max_steps=400")], run,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "distill.cli" in " ".join(c.cmdline())]
     victim = next(w for w in workers if w.environ().get("RANK") == "1")
     victim.kill()  # SIGKILL mid-step, as the kernel's out-of-memory killer would
