@@ -63,6 +63,10 @@ class ExportGateError(DistillError, RuntimeError):
     """The exported model's embeddings are too far from the PyTorch student's (the parity gate)."""
 
 
+class PhotoIndexError(DistillError, ValueError):
+    """A photo index folder that cannot be read or written, or a model that does not embed as it did."""
+
+
 class NonFiniteLossError(DistillError, FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
@@ -83,7 +87,7 @@ class ProcessStoppedError(DistillError, RuntimeError):
     (it died, or waited longer than ``train.dist_timeout``)."""
 
 
-__all__ = ["DistillError", "RecipeError", "DataError", "DataNotFoundError", "MissingFileError", "FileFormatError",
+__all__ = ["DistillError", "PhotoIndexError", "RecipeError", "DataError", "DataNotFoundError", "MissingFileError", "FileFormatError",
            "ModelError", "CacheError", "CacheMismatchError", "CacheMissError",
            "RunConflictError", "ExportError", "ExportGateError", "NonFiniteLossError", "UnknownNameError", "MissingDependencyError",
            "ProcessStoppedError", "user_message"]

@@ -186,16 +186,28 @@ def macs(fn, *inputs) -> int:
 
 
 @torch.no_grad()
-def image_cost(model: Any, device: str = "cpu", iters: int = 5) -> dict[str, float | None]:
-    """Batch-1 latency, batch-64 throughput, MACs per image and peak GPU memory of ``encode_image``."""
-    size = model.preprocess.image_size
-    x1 = torch.randn(1, 3, size, size, device=device)
-    out: dict[str, float | None] = {"macs_image": macs(model.encode_image, x1)}
-    out["latency_ms_b1"] = 1000 / images_per_second(model.encode_image, size, batch_size=1, iters=iters * 4, device=device)
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    out["images_per_s"] = images_per_second(model.encode_image, size, batch_size=64, iters=iters, device=device)
-    out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
+def image_costs(models: dict[str, Any], device: str = "cpu", rounds: int = 7) -> dict[str, dict[str, float | None]]:
+    """Per model: MACs per image, batch-1 latency (ms) and batch-64 throughput of ``encode_image``, each the
+    median of ``rounds`` timings after warm-up, the models timed alternately (``timing.compare``) so that
+    they are compared under the same machine load; peak GPU memory of a batch of 64."""
+    from .timing import compare
+
+    out: dict[str, dict[str, float | None]] = {}
+    one, batch = {}, {}
+    for name, model in models.items():
+        size = model.preprocess.image_size
+        x1, x64 = torch.randn(1, 3, size, size, device=device), torch.randn(64, 3, size, size, device=device)
+        out[name] = {"macs_image": macs(model.encode_image, x1), "peak_mem_mb": None}
+        if device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+            model.encode_image(x64)
+            out[name]["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        one[name] = lambda m=model, x=x1: m.encode_image(x)
+        batch[name] = lambda m=model, x=x64: m.encode_image(x)
+    for name, s in compare(one, rounds=rounds, device=device).items():
+        out[name]["latency_ms_b1"] = 1000 * s
+    for name, s in compare(batch, rounds=max(3, rounds // 2), device=device).items():
+        out[name]["images_per_s"] = 64 / s
     return out
 
 
@@ -220,11 +232,14 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
     templates = tuple(templates or IMAGENET_TEMPLATES)
     s_has_img, s_has_txt = student.has_image, student.has_text
     res: dict[str, Any] = {"teacher": {}, "student": {}, "per_class": {}, "cosines": []}
+    timed = {}
     for name, model in (("teacher", teacher), ("student", student)):
         r = res[name]
         r["params_image"], r["params_text"] = model.num_params("image"), model.num_params("text")
         if (name == "teacher" or s_has_img) and getattr(model, "preprocess", None) is not None:
-            r.update(image_cost(model, device))
+            timed[name] = model
+    for name, cost in image_costs(timed, device).items():  # timed side by side: the ratio is what matters
+        res[name].update(cost)
     t_has_img = getattr(teacher, "has_image", True)
     if captions is not None and len(captions) and not t_has_img:  # a text-only teacher: captions alone
         texts = list(dict.fromkeys(c for c in captions.captions if c))

@@ -60,8 +60,9 @@ def _parity_table(fmt: str, gate: tuple[float, float], result: dict[str, Any]) -
                   f"{p['config_match']}; max pixel difference {p['max_pixel_diff']:.3g})"]
     if "calibration" in result:
         c = result["calibration"]
-        lines += ["", f"static INT8 calibrated on {c['images']} images, none of them among the {c['parity_images']} "
-                  "verified here"]
+        where = ("images of the calibration data (--calibration-data)" if c.get("source") == "calibration data"
+                 else f"images, none of them among the {c['parity_images']} verified here")
+        lines += ["", f"static INT8 calibrated on {c['images']} {where}"]
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +90,7 @@ def gate_failures(result: dict[str, Any], gate: tuple[float, float]) -> list[str
 def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence[str] | None = None,
            data: Any = None, dtype: str = "fp32", quantization: str = "dynamic", threshold: float | None = None,
            gate: bool = True, opset: int = OPSET, low_threshold: float | None = None,
-           overwrite: bool = False, inputs: dict[str, Any] | None = None) -> ExportResult:
+           overwrite: bool = False, inputs: dict[str, Any] | None = None, calibration: Any = None) -> ExportResult:
     """Export a student (object or saved folder) to ``out``.
 
     Args:
@@ -106,6 +107,8 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         overwrite: replace another clip-distill artifact at ``out`` (never the student's own folder or
             one that holds an input; a folder with other files is always refused).
         inputs: other files or folders the export reads (``{what: path}``), which ``out`` must not hold.
+        calibration: images static INT8 calibrates on (a path or Rows; default: other images of ``data``
+            than those the gate verifies), so the gate can run on held-out data.
 
     ``out`` is written whole: the export is built in a staging folder beside it and takes its place when
     complete. An export that fails its gate is left at ``out`` only when nothing was there before.
@@ -114,6 +117,7 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         >>> export("runs/vit_tiny/student", "export/vit_tiny_int8", format="onnx-int8", data="val.csv")
         >>> export(paired, "export/oc", format="open_clip")  # open_clip.create_model_and_transforms("local-dir:export/oc")
     """
+    from .card import evaluation_of, write_card
     from .interop import load_student
     from .outputs import claim, staged
 
@@ -125,7 +129,7 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         source = student
         student = load_student(student)
     inputs = {"the student being exported": source, "the parity data": data if isinstance(data, (str, Path)) else None,
-              **(inputs or {})}
+              "the calibration data": calibration if isinstance(calibration, (str, Path)) else None, **(inputs or {})}
     student = copy.deepcopy(student).cpu().float().eval() if fmt.gate is not None else student
     have = [t for t in ("image", "text") if getattr(student, t) is not None]
     if towers and not fmt.towers:
@@ -136,10 +140,13 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         raise ExportError(f"--towers {','.join(towers)}: the student has no {' or '.join(missing)} tower (it has {have})")
     out = Path(out)
     held = claim(out, f"a {format} export", inputs, overwrite=overwrite)
-    options = dict(towers=towers, data=data, dtype=dtype, quantization=quantization, opset=opset)
+    options = dict(towers=towers, data=data, dtype=dtype, quantization=quantization, opset=opset,
+                   calibration=calibration)
+    evaluation = evaluation_of(source or inputs.get("the student being exported"))
     if fmt.gate is None:  # the student's own weights: nothing to compare
         with staged(out) as tmp:
             fmt.write(student, tmp, **options)
+            write_card(tmp, _exported(student, towers), format, evaluation, usage=fmt.usage)
         return ExportResult(out, format, _files(out))
     limits = (fmt.gate[0] if threshold is None else threshold, fmt.gate[1] if low_threshold is None else low_threshold)
     with staged(out) as tmp:
@@ -147,6 +154,7 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
         write_json(tmp / "parity.json", {"format": format, "threshold": limits[0], "low_threshold": limits[1],
                                          "low_statistic": "1st-percentile cosine", **result})
         atomic_write_text(tmp / "parity.md", _parity_table(format, limits, result))
+        write_card(tmp, _exported(student, towers), format, evaluation, result, limits, fmt.usage)
         if fmt.relocate is not None:
             fmt.relocate(tmp, out)  # what the layout records of its place points where it is about to be
         bad = gate_failures(result, limits) if gate else []
@@ -155,6 +163,17 @@ def export(student: Any, out: str | Path, format: str = "onnx", towers: Sequence
     if bad:
         raise _gate_error(out, fmt, bad, f"table in {out / 'parity.md'}")
     return ExportResult(out, format, _files(out), result)
+
+
+def _exported(student: Any, towers: Sequence[str]) -> Any:
+    """The student as the export holds it (the towers it wrote), for its model card."""
+    if all(getattr(student, t) is None or t in towers for t in ("image", "text")):
+        return student
+    kept = copy.copy(student)
+    for tower in ("image", "text"):
+        if tower not in towers:
+            kept._modules[tower] = None
+    return kept
 
 
 def _files(folder: Path) -> dict[str, int]:

@@ -115,6 +115,25 @@ def file_digest(path: str | Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def portable_teacher(identity: dict[str, Any] | None, folder: str | Path) -> dict[str, Any] | None:
+    """A teacher identity as a config in ``folder`` records it: a teacher folder's path relative to ``folder``,
+    so that a copied or moved student names no path of the machine that wrote it."""
+    if not identity or not identity.get("path"):
+        return identity
+    try:
+        rel = os.path.relpath(os.path.abspath(identity["path"]), os.path.abspath(folder))
+    except ValueError:  # another drive (Windows): no relative form
+        return identity
+    return {**identity, "path": Path(rel).as_posix()}
+
+
+def resolved_teacher(identity: dict[str, Any] | None, folder: str | Path) -> dict[str, Any] | None:
+    """The identity :func:`portable_teacher` wrote, its teacher path resolved against ``folder`` again."""
+    if not identity or not identity.get("path") or os.path.isabs(identity["path"]):
+        return identity
+    return {**identity, "path": os.path.normpath(os.path.join(os.path.abspath(folder), identity["path"]))}
+
+
 def cache_root() -> Path:
     """The one clip-distill cache folder: $CLIP_DISTILL_CACHE, else $XDG_CACHE_HOME/clip-distill (~/.cache)."""
     return Path(os.environ.get("CLIP_DISTILL_CACHE",

@@ -36,6 +36,7 @@ RUN = "a training run"
 CACHE = "a teacher cache"
 SAVED_MODEL = "a saved model (student or teacher)"
 REPORT = "an evaluation report"
+INDEX = "a photo index"
 # (what it is, test on the folder): the first that matches names the folder; order matters where
 # layouts share files (an open_clip or sentence-transformers export also holds tokenizer files).
 _KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
@@ -47,6 +48,7 @@ _KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     ("an ONNX export", lambda d: (d / "onnx_config.json").is_file()),
     (SAVED_MODEL, lambda d: _saved_model(d)),
     ("a timm model", lambda d: "architecture" in json_object(d / "config.json")),
+    (INDEX, lambda d: _format(d / "index.json").startswith("clip-distill-index")),
     ("a packed image store", lambda d: _format(d / "index.json").startswith("clip-distill-pack")),
     ("a data check", lambda d: (d / "clean.jsonl").is_file() and (d / "report.json").is_file()),
     (REPORT, lambda d: (d / "report.md").is_file() and (d / "results.json").is_file()),
@@ -67,12 +69,24 @@ _OWNS: dict[str, tuple[str, ...]] = {
     "an ONNX export": ("onnx_config.json", "image.onnx", "text.onnx", "tokenizer", *_PARITY),
     SAVED_MODEL: ("config.json", "model.safetensors", "text", "eval", *_PARITY),
     "a timm model": ("config.json", "model.safetensors", *_PARITY),
+    INDEX: ("index.json", "photos.sqlite", "photos.sqlite-journal", "vectors.usearch"),
     "a packed image store": ("index.json", "images_*.npy"),
     "a data check": ("clean.jsonl", "rejected.jsonl", "report.json"),
     REPORT: ("report.md", "results.json", "*.png"),
     "a tokenizer": _TOKENIZER,
 }
 STAGING = ".distill-staging-"  # prefix of the folders ``staged`` writes into (hidden, beside the target)
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The model a path names: a run folder's trained model (``student/``, or ``model/`` for a tune run), else
+    the path itself."""
+    path = Path(os.path.expanduser(str(path)))
+    if not (path / "config.json").exists():
+        for inner in ("student", "model"):
+            if (path / inner / "config.json").exists():
+                return path / inner
+    return path
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -199,6 +213,12 @@ def claim(out: str | os.PathLike, writes: str, inputs: Mapping[str, str | os.Pat
 
 def _staging(out: Path) -> Path:
     return out.parent / f"{STAGING}{out.name}-{uuid.uuid4().hex[:8]}"
+
+
+def final_name(folder: str | os.PathLike) -> str:
+    """The name ``folder`` will have: a staging folder's target name, else its own."""
+    name = Path(folder).name
+    return name[len(STAGING):-9] if name.startswith(STAGING) and len(name) > len(STAGING) + 9 else name
 
 
 @contextmanager

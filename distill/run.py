@@ -87,6 +87,23 @@ def run_identity(recipe: Recipe, **parts: Any) -> dict[str, Any]:
 _MISSING = object()
 
 
+def provenance(run: dict[str, Any], rows: Rows, held: int, steps: int, source: Any) -> dict[str, Any]:
+    """What a saved model records of how it was made (its model card shows it): the recipe fields that made
+    the run (``run_identity``), the data by name, size and fingerprint, and the steps. No path of this
+    machine: a teacher or data folder by its name only."""
+    import datetime
+
+    recipe = {s: dict(v) for s, v in run["recipe"].items() if v}
+    recipe.get("teacher", {}).pop("name", None)  # the teacher identity names it
+    name = rows.source if isinstance(source, Rows) else source
+    return {"recipe": {s: v for s, v in recipe.items() if v},
+            "data": {"source": os.path.basename(str(name).rstrip("/")) if name else None, "rows": len(rows),
+                     "images": len({p for p in rows.images if p}) if rows.images else 0,
+                     "captions": sum(1 for c in rows.captions if c) if rows.captions else 0, "held_out": held,
+                     "fingerprint": run.get("data")},
+            "steps": steps, "date": datetime.date.today().isoformat()}
+
+
 def _run_fields(rec: dict[str, Any]) -> dict[str, Any]:
     """A recipe dict without the fields that do not change a run's numbers (_NOT_RUN_FIELDS)."""
     for section, keys in _NOT_RUN_FIELDS.items():

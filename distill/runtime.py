@@ -22,6 +22,8 @@ from .io import read_format_json
 from .transforms import PreprocessCfg, eval_array, to_rgb
 
 ONNX_FORMAT = "clip-distill-onnx/1"
+NO_TEXT = ("to encode text, export an image student again with --pair-teacher TEACHER (its teacher's text tower, "
+           "which embeds into the same space)")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -96,7 +98,7 @@ class OnnxStudent:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if self._tokenizer is None:
-            raise ModelError(f"{self.path}: this export has no text tower")
+            raise ModelError(f"{self.path}: this export has no text tower; {NO_TEXT}")
         enc = self._tokenizer.encode_batch(list(texts))
         return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
@@ -104,6 +106,6 @@ class OnnxStudent:
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised embeddings of a list of strings."""
         if self._text is None:
-            raise ModelError(f"{self.path}: this export has no text tower")
+            raise ModelError(f"{self.path}: this export has no text tower; {NO_TEXT}")
         out = [self._text.run(None, self.tokenize(texts[i:i + batch_size]))[0] for i in range(0, len(texts), batch_size)]
         return _normalize(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)

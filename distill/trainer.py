@@ -26,7 +26,7 @@ from .loop import FitResult, TrainLoop
 from .losses import DistillLoss, Embeddings
 from .optim import seed_everything
 from .pipeline import build_pipeline
-from .run import check_output_dir, recipe_inputs, run_identity, run_inputs
+from .run import check_output_dir, provenance, recipe_inputs, run_identity, run_inputs
 from .transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Distiller:
             loop.hooks = [lambda s: health(student, s) if s % r.train.health_every == 0 else None]
         history, steps = loop.run()
         student.teacher_identity = targets.identity
+        student.provenance = provenance(run, pipe.train, len(pipe.held), steps, source)
         if loop.is_main:
             student.cpu().eval().save(out / "student")
         return FitResult(out, history, student, out / "student", steps,

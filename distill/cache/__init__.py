@@ -17,11 +17,15 @@ transform; views 1..K-1 are random-resized crops (and flips when asked) whose pa
 Modules: ``keys`` (what identifies a row), ``build`` (``TeacherService``), ``store`` (manifest, shards,
 ``EmbeddingCache``), ``dataset`` (training from a cache).
 """
+from .._lazy import lazy
 from ..errors import CacheError, CacheMismatchError, CacheMissError
-from .build import BuildSummary, TeacherService, view_for
-from .dataset import CachedPairDataset, Lookup, cached_collate, lookup, missing_error
-from .keys import KeyIndex, image_keys, text_key
-from .store import DTYPES, FORMAT, EmbeddingCache, compare
+
+# imported when first used: the keys (content hashes) serve the torch-free photo index too
+__getattr__ = lazy(__name__, {**dict.fromkeys(("BuildSummary", "TeacherService", "view_for"), ".build"),
+                              **dict.fromkeys(("CachedPairDataset", "Lookup", "cached_collate", "lookup", "missing_error"),
+                                              ".dataset"),
+                              **dict.fromkeys(("KeyIndex", "image_keys", "text_key"), ".keys"),
+                              **dict.fromkeys(("DTYPES", "FORMAT", "EmbeddingCache", "compare"), ".store")})
 
 __all__ = ["TeacherService", "BuildSummary", "EmbeddingCache", "CachedPairDataset", "cached_collate", "lookup",
            "Lookup", "missing_error", "image_keys", "text_key", "KeyIndex", "view_for", "compare", "FORMAT",

@@ -18,6 +18,9 @@ commands:
   eval     student vs teacher: zero-shot, retrieval, fidelity, cost, and a report with plots
   cache    build / inspect / verify a teacher embedding cache (run the teacher once, train many times)
   tokenizer train a tokenizer for captions in any language (accents kept, CJK split)
+  index    embed a folder of photos into a search index (incremental; an ONNX export needs no torch)
+  search   search an index by text or by an example photo
+  serve    a local web page to search an index
   list     show the registered teachers, students and losses
 """
 
@@ -26,7 +29,8 @@ DEBUG_ENV = "DISTILL_DEBUG"  # set to 1: every error shows its Python traceback
 REPORT_URL = "https://github.com/clip-distill/clip-distill/issues"
 
 
-COMMANDS = ("demo", "train", "export", "data", "plan", "evaluate", "cache", "tokenizer", "registered")  # in help order
+COMMANDS = ("demo", "train", "export", "data", "plan", "evaluate", "cache", "tokenizer", "search",
+            "registered")  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,12 +37,12 @@ def cmd_eval(args) -> int:
     from ..eval import evaluate_pair
     from ..report import format_table, write_report
     from ..interop import load_student
+    from ..outputs import model_folder
     from ..teachers import load_teacher, teacher_from_identity
     from ..templates import load_templates
 
     src = Path(args.student)
-    if not (src / "config.json").exists() and (src / "student" / "config.json").exists():
-        src = src / "student"
+    src = model_folder(src)
     student = load_student(src, device=args.device)
     name, pretrained = (args.teacher, args.pretrained) if args.teacher else teacher_from_identity(student.teacher_identity)
     teacher = load_teacher(name, pretrained=pretrained or args.pretrained, device=args.device)
@@ -68,4 +68,8 @@ def cmd_eval(args) -> int:
     print(format_table(results))
     report = write_report(results, args.out or src / "eval", run_dir=src.parent)
     print(f"report: {report}")
+    if not args.out:  # the report in its default place: the student's model card shows it
+        from ..card import update_card
+
+        update_card(src, results)
     return 0

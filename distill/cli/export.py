@@ -29,7 +29,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", default=None, help="parity/calibration data (csv, jsonl, folder...)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="safetensors weight dtype")
     e.add_argument("--quantization", default="dynamic", choices=["dynamic", "static"],
-                   help="INT8: dynamic, or static calibrated on --data images other than the ones verified (image tower)")
+                   help="INT8: dynamic, or static calibrated on images (image tower): --calibration-data, or --data "
+                   "images other than the ones verified")
+    e.add_argument("--calibration-data", default=None,
+                   help="static INT8: the images to calibrate on (e.g. training photos), so --data can be held out")
     e.add_argument("--threshold", type=float, default=None, help="minimum mean cosine (default per format)")
     e.add_argument("--low-threshold", type=float, default=None,
                    help="minimum 1st-percentile cosine (default per format)")
@@ -46,10 +49,10 @@ def cmd_export(args) -> int:
     from ..export import ExportGateError, export
     from ..interop.pair import pair_with_teacher_text
     from ..interop import load_student
+    from ..outputs import model_folder
 
     src = Path(args.path)
-    if not (src / "config.json").exists() and (src / "student" / "config.json").exists():
-        src = src / "student"
+    src = model_folder(src)
     student = load_student(src)
     if args.pair_teacher:
         from ..teachers import load_teacher
@@ -59,7 +62,7 @@ def cmd_export(args) -> int:
     try:
         result = export(student, args.out, args.format, towers, data=args.data, dtype=args.dtype,
                         quantization=args.quantization, threshold=args.threshold, gate=not args.no_gate,
-                        low_threshold=args.low_threshold, overwrite=args.overwrite,
+                        low_threshold=args.low_threshold, overwrite=args.overwrite, calibration=args.calibration_data,
                         inputs={"the student being exported": src, "the paired teacher": args.pair_teacher,
                                 "the paired teacher's weights": args.pretrained})
     except ExportGateError as e:

@@ -8,17 +8,18 @@ models, the cache or the trainer.
 from __future__ import annotations
 
 from .._compat import forward
-from .dataset import PairDataset, make_collate
+from .._lazy import lazy
 from .images import (IMAGE_EXTS, MAX_PIXELS, MIN_SIDE, RawImages, image_bytes, image_problem, image_source, is_member,
                      open_image, read_errors, read_problem, stat_problem, usable_image)
 from .rows import Rows, split_usable
-from .sampler import EpochBatchSampler
-from .sampler import make_loader_factory
 from .sources import (CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, LAYOUTS, SOURCES, Source, as_rows,
                       load_parallel, load_rows, read_text_file, register_source)
 
 
-__getattr__ = forward(__name__, "distill.run", {"SkipLog": "SkipLog"})  # moved: one more release
+# the dataset and the sampler import torch: reading rows and image bytes does not (the ONNX search needs no torch)
+__getattr__ = lazy(__name__, {"PairDataset": ".dataset", "make_collate": ".dataset", "EpochBatchSampler": ".sampler",
+                              "make_loader_factory": ".sampler"},
+                   then=forward(__name__, "distill.run", {"SkipLog": "SkipLog"}))  # SkipLog moved: one more release
 
 __all__ = ["Rows", "load_rows", "as_rows", "load_parallel", "split_usable", "open_image", "image_source",
            "image_bytes", "read_problem", "read_errors", "stat_problem", "usable_image", "image_problem", "is_member",

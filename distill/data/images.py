@@ -129,15 +129,20 @@ def image_bytes(path: str) -> bytes:
         return src.read()
 
 
-def open_image(path: str):
-    """Open and fully decode an image (raises on missing/corrupt files); RGB, alpha on white."""
+def open_image(path: str, check: bool = False):
+    """Open and fully decode an image (raises on missing/corrupt files); RGB, alpha on white. ``check``: raise
+    ``DataError`` for a too small or too large image (``image_problem``) from its header, before decoding it."""
     from PIL import Image
 
     src = image_source(path)
     if hasattr(src, "convert"):
+        if check and image_problem(*src.size):
+            raise DataError(image_problem(*src.size))
         src.load()
         return to_rgb(src)
     with src, Image.open(src) as im:
+        if check and image_problem(*im.size):
+            raise DataError(image_problem(*im.size))
         im.load()
         return to_rgb(im)
 
@@ -151,6 +156,8 @@ def read_problem(path: str, error: BaseException) -> str:
         return "not a regular file"
     if plain and os.path.isfile(path) and os.path.getsize(path) == 0:
         return "empty file (0 bytes)"
+    if isinstance(error, DataError):  # open_image(check=True): what is wrong with it, in words
+        return str(error)
     return f"corrupt or truncated image ({type(error).__name__}: {str(error)[:120]})"
 
 

@@ -16,10 +16,12 @@ from .registry import FORMATS, Format, get_format, register_format
 
 def load_student(path: str | Path, device: Any = "cpu"):
     """Rebuild a student from a folder, without the trainer or any hub: what ``Student.save`` or ``distill
-    export`` wrote (safetensors, open_clip, sentence-transformers, timm), whichever format reads it."""
+    export`` wrote (safetensors, open_clip, sentence-transformers, timm), whichever format reads it, or a run
+    folder's trained model."""
+    from ..outputs import model_folder
     from ..students import read_student
 
-    folder = Path(path)
+    folder = model_folder(path)
     for name in FORMATS.list():
         fmt = get_format(name)
         if fmt.read is not None and fmt.detect is not None and folder.is_dir() and fmt.detect(folder):

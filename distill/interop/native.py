@@ -35,4 +35,5 @@ def _is_saved_student(folder: Path) -> bool:
     return str(json_object(folder / "config.json").get("format", "")).startswith(FORMAT.split("/")[0])
 
 
-register_format(Format("safetensors", write, detect=_is_saved_student, read=read_student, towers=True))
+register_format(Format("safetensors", write, detect=_is_saved_student, read=read_student, towers=True,
+                       usage='from distill import load_student\nmodel = load_student("{path}")'))

@@ -17,7 +17,7 @@ import torch
 
 from .._imports import require
 from ..errors import ExportError
-from ..io import write_json
+from ..io import portable_teacher, write_json
 from ..runtime import ONNX_FORMAT, OnnxStudent
 from .parity import agreement, calibration_inputs, sample_rows
 from .registry import Format, register_format
@@ -73,7 +73,47 @@ class _Reader:
         return next(self._batches, None)
 
 
-def _to_int8(src: Path, dst: Path, tower: str, calibration: np.ndarray | None, static: bool) -> str:
+LEVELS = ("", "the first and last layers", "the last quarter of the layers", "the last half of the layers")
+
+
+def float_layers(model: Any, level: int = 0) -> tuple[list[str], int]:
+    """(names, count) of the weighted layers INT8 leaves in float at ``level``, and how many weighted layers
+    there are. 0: every depthwise convolution (one 3x3 filter per channel: ranges too wide for 8 bits, and a
+    tiny share of the weights); 1: also the first (it reads the raw input) and the last (the projection into
+    the teacher's space); 2, 3: also the last quarter, the last half of the layers."""
+    inits = {i.name: i for i in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1
+                and n.input[1] in inits]
+    keep = set()
+    for n in weighted:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group > 1 and inits[n.input[1]].dims[1] == 1:
+            keep.add(n.name)
+    if level >= 1 and weighted:
+        keep |= {weighted[0].name, weighted[-1].name}
+    if level >= 2:
+        keep |= {n.name for n in weighted[int(len(weighted) * (1 - 0.25 * (level - 1))):]}
+    return sorted(keep), len(weighted)
+
+
+def _run(path: Path, tower: str, inputs: Any) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if tower == "image":
+        return np.concatenate([session.run(None, {"pixels": inputs[i:i + 32]})[0] for i in range(0, len(inputs), 32)])
+    return session.run(None, inputs)[0]
+
+
+def _to_int8(src: Path, dst: Path, tower: str, calibration: np.ndarray | None, static: bool,
+             check: Any = None) -> str:
+    """Quantise ``src`` into ``dst``. Weights per output channel (``MatMul``/``Gemm``/``Conv`` and, for text, the
+    token embeddings); activation-by-activation products (attention), norms and softmax stay float;
+    depthwise convolutions stay float. Dynamic: activations quantised per call; static: QDQ with activation
+    ranges from ``calibration``. While the result misses the INT8 gate on ``check`` inputs (not those the gate
+    verifies), more layers stay float (``float_layers``: the first and last, then the last quarter, then half).
+    Returns what was done, in words."""
+    onnx = require("onnx", "INT8 export")
     require("onnxruntime", "INT8 export")
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -81,21 +121,33 @@ def _to_int8(src: Path, dst: Path, tower: str, calibration: np.ndarray | None, s
     # folds constants (BatchNorm into Conv) so every weight is an initializer, and infers shapes
     pre = src.with_name(f"{src.stem}.pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    src = pre
-    if static and tower == "image":
-        if calibration is None or not len(calibration):
-            raise ExportError("static INT8 needs calibration images (--data)")
-        # only the weight-heavy ops (quantising norms and softmax costs accuracy for no size gain);
-        # u8 x u8: u8 x s8 saturates in the VPMADDUBSW path of CPUs without VNNI
-        q.quantize_static(str(src), str(dst), _Reader(calibration), quant_format=q.QuantFormat.QDQ,
-                          op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
-                          weight_type=q.QuantType.QUInt8, activation_type=q.QuantType.QUInt8)
-        return "static (QDQ, per-channel, calibrated)"
-    # ConvInteger only takes uint8 weights; MatMul/Gather quantise to int8
-    ops = ["MatMul", "Gemm", "Gather"] if tower == "text" else ["MatMul", "Gemm", "Conv"]
-    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops,
-                       weight_type=q.QuantType.QUInt8 if tower == "image" else q.QuantType.QInt8)
-    return "dynamic"
+    if static and (calibration is None or not len(calibration)):
+        raise ExportError("static INT8 needs calibration images (--data or --calibration-data)")
+    model = onnx.load(str(pre))
+    reference = _run(src, tower, check) if check is not None else None
+    for level in range(len(LEVELS)):
+        keep, total = float_layers(model, level)
+        options = {"nodes_to_exclude": keep, "extra_options": {"MatMulConstBOnly": True}}
+        if static:  # min-max activation ranges (onnxruntime's percentile calibrator fails on some graphs)
+            options["extra_options"]["WeightSymmetric"] = True
+            q.quantize_static(str(pre), str(dst), _Reader(calibration), quant_format=q.QuantFormat.QDQ,
+                              op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                              weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8, **options)
+        else:  # ConvInteger takes uint8 weights only; MatMulInteger and Gather take int8
+            ops = ["MatMul", "Gemm", "Gather"] if tower == "text" else ["MatMul", "Gemm", "Conv"]
+            q.quantize_dynamic(str(pre), str(dst), op_types_to_quantize=ops, per_channel=True,
+                               weight_type=q.QuantType.QUInt8 if tower == "image" else q.QuantType.QInt8, **options)
+        if reference is None:
+            break
+        fit = agreement(reference, _run(dst, tower, check))
+        if fit["mean_cosine"] >= GATES["onnx-int8"][0] and fit["p1_cosine"] >= GATES["onnx-int8"][1]:
+            break
+    how = "static (QDQ, per-channel weights, calibrated activations)" if static else "dynamic (per-channel weights)"
+    depthwise = len(float_layers(model, 0)[0])
+    why = [f"{depthwise} depthwise convolutions"] * bool(depthwise) + [LEVELS[level]] * bool(level)
+    kept = f"{len(keep)} of {total} weighted layers kept in float ({', '.join(why)})" if keep else \
+        f"all {total} weighted layers in INT8"
+    return f"{how}; {kept}"
 
 
 def _save_tokenizer(student, out: Path) -> dict[str, Any]:
@@ -136,10 +188,13 @@ def parity(student, folder: str | Path, images: np.ndarray | None, texts: Sequen
     return out
 
 
-def _onnx_inputs(student: Any, data: Any, static: bool):
-    """Parity inputs and, for static INT8, calibration images from other images of ``data``."""
+def _onnx_inputs(student: Any, data: Any, static: bool, calibration: Any = None):
+    """Parity inputs and, for static INT8, calibration images: from ``calibration`` when given, else from
+    other images of ``data`` than the ones the parity check verifies."""
     if not static:
         return (*calibration_inputs(student, data), None)
+    if calibration is not None:
+        return (*calibration_inputs(student, data), calibration_inputs(student, calibration, limit=64)[0])
     from ..data import as_rows
 
     n = len(sample_rows(as_rows(data), len(as_rows(data)), 0)) if data is not None else 0  # distinct images
@@ -150,15 +205,37 @@ def _onnx_inputs(student: Any, data: Any, static: bool):
     return images, texts, rows, calibration
 
 
+def _tuning_inputs(student: Any, data: Any, parity_rows: Any, calibration: np.ndarray | None) -> dict[str, Any]:
+    """What INT8 checks itself on while choosing the layers it leaves in float, per tower: images and captions
+    of ``data`` the parity check does not verify (the calibration images for static INT8), else generated
+    stand-ins of another seed than the parity check's."""
+    from ..data import as_rows
+
+    skip = len(parity_rows) if parity_rows is not None else 0
+    rows = as_rows(data) if data is not None else None
+    distinct = len(sample_rows(rows, len(rows), 0)) if rows is not None else 0
+    images, texts, _ = (calibration_inputs(student, data, limit=32, skip=skip) if distinct > skip
+                        else calibration_inputs(student, None, seed=1))
+    out: dict[str, Any] = {}
+    if student.image is not None:
+        out["image"] = calibration if calibration is not None and len(calibration) else images
+    if student.text is not None and texts:
+        tok = student.tokenize(list(texts))
+        out["text"] = {"input_ids": tok["input_ids"].numpy(), "attention_mask": tok["attention_mask"].numpy()}
+    return out
+
+
 def _write_onnx(student: Any, out: Path, format: str, towers: Sequence[str], calibration: np.ndarray | None,
-                static: bool, opset: int) -> None:
+                static: bool, opset: int, tuning: dict[str, Any] | None = None) -> None:
     if "text" in towers and not hasattr(student.text.tokenizer, "pad_token_id"):
         raise ExportError(f"text tower {student.text.spec.get('arch')!r} tokenizes with open_clip's own tokenizer, "
                           "which has no tokenizer.json for the ONNX runtime: export --towers image, or --format open_clip")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         fp32 = _export_onnx(student, Path(tmp), towers, opset)
         cfg: dict[str, Any] = {"format": ONNX_FORMAT, "precision": format, "embed_dim": student.embed_dim,
-                               "opset": opset, "teacher": student.teacher_identity}
+                               "opset": opset, "teacher": portable_teacher(student.teacher_identity, out),
+                               # the PyTorch towers it was made from: an INT8 copy matches an index its FP32 built
+                               "weights_ids": {t: student.weights_id(t) for t in towers}}
         for tower, src in fp32.items():
             dst = out / src.name
             if format == "onnx":
@@ -166,7 +243,8 @@ def _write_onnx(student: Any, out: Path, format: str, towers: Sequence[str], cal
             elif format == "onnx-fp16":
                 _to_fp16(src, dst)
             else:
-                cfg[f"{tower}_quantization"] = _to_int8(src, dst, tower, calibration, static)
+                cfg[f"{tower}_quantization"] = _to_int8(src, dst, tower, calibration, static and tower == "image",
+                                                        (tuning or {}).get(tower))
     if "image" in towers:
         cfg["image"] = {"file": "image.onnx", "preprocess": student.preprocess.to_dict()}
     if "text" in towers:
@@ -175,17 +253,22 @@ def _write_onnx(student: Any, out: Path, format: str, towers: Sequence[str], cal
 
 
 def write(student: Any, folder: Path, format: str = "onnx", data: Any = None, towers: Sequence[str] = ("image", "text"),
-          quantization: str = "dynamic", opset: int = OPSET, **_: Any) -> dict[str, Any]:
-    """Write ``format`` (onnx, onnx-fp16, onnx-int8) into ``folder`` and compare it with the student."""
+          quantization: str = "dynamic", opset: int = OPSET, calibration: Any = None, **_: Any) -> dict[str, Any]:
+    """Write ``format`` (onnx, onnx-fp16, onnx-int8) into ``folder`` and compare it with the student on
+    ``data``; static INT8 calibrates on ``calibration`` (default: other images of ``data``)."""
     static = format == "onnx-int8" and quantization == "static" and "image" in towers
-    images, texts, rows, calibration = _onnx_inputs(student, data, static)
-    _write_onnx(student, folder, format, towers, calibration, static, opset)
+    own = calibration is not None
+    images, texts, rows, calibration = _onnx_inputs(student, data, static, calibration)
+    tuning = _tuning_inputs(student, data, rows, calibration) if format == "onnx-int8" else None
+    _write_onnx(student, folder, format, towers, calibration, static, opset, tuning)
     result = parity(student, folder, images if "image" in towers else None, texts if "text" in towers else None, rows)
     if static:
-        result["calibration"] = {"images": len(calibration), "parity_images": len(images), "disjoint": True}
+        result["calibration"] = {"images": len(calibration), "parity_images": len(images),
+                                 **({"source": "calibration data"} if own else {"disjoint": True})}
     return result
 
 
 for _name, _gate in GATES.items():
     register_format(Format(_name, lambda student, folder, _fmt=_name, **kw: write(student, folder, _fmt, **kw),
-                           gate=_gate, towers=True, hint=HINT))
+                           gate=_gate, towers=True, hint=HINT,
+                           usage='from distill.runtime import OnnxStudent  # onnxruntime, no torch\nmodel = OnnxStudent("{path}")'))

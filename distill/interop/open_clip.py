@@ -11,7 +11,8 @@ the weights, and tokenizer files sit in OUT itself (where ``get_tokenizer("local
   exact, refused otherwise); or, for a student paired with an open_clip teacher, that teacher's own
   text tower config.
 open_clip resolves ``timm_model_name`` and ``hf_model_name`` as given, so those two are absolute paths:
-a student that needs them loads wherever the export was written; after moving the folder, export again.
+a student that needs them loads wherever the export was written; after moving the folder, export it again
+from there into a new folder (``load_student`` reads it from its own files).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from .parity import agreement, calibration_inputs, parity_images
 from .registry import Format, register_format
 
 CONFIG = "open_clip_config.json"
+USAGE = ('import open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms("local-dir:{path}")\n'
+         'tokenizer = open_clip.get_tokenizer("local-dir:{path}")')
 WEIGHTS = "open_clip_model.safetensors"
 _POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}  # open_clip's names, same maths
 _EVAL_ONLY = ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "patch_drop_rate")
@@ -133,8 +136,8 @@ def export_open_clip(student: Any, out: Path) -> None:
     paths = [v for v in (vision_cfg["timm_model_name"], text_cfg.get("hf_model_name")) if v and str(out.resolve()) in v]
     if paths:  # open_clip ignores other keys: a note for whoever finds the folder moved
         config["clip_distill"] = {"absolute_paths": paths, "after_moving_this_folder": (
-            "open_clip reads these paths as they are; run `distill export <this folder> --format open_clip "
-            "--out <this folder>` once where the folder now is")}
+            "open_clip reads these paths as they are; where the folder now is, run `distill export <this folder> "
+            "--format open_clip --out <a new folder>` once and use the new folder")}
     write_json(out / CONFIG, config)
     # open_clip builds the model from that config; it is filled with the student's weights and saved
     model = open_clip.create_model(f"local-dir:{out}", load_weights=False, pretrained_text=False)
@@ -279,4 +282,4 @@ def write(student: Any, folder: Path, data: Any = None, **_: Any) -> dict[str, A
 
 register_format(Format("open_clip", write, gate=(0.9999, 0.9995),
                        detect=lambda folder: (folder / CONFIG).is_file(), read=load_open_clip_folder,
-                       relocate=relocate))
+                       relocate=relocate, usage=USAGE))

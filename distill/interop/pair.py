@@ -75,6 +75,7 @@ def pair_with_teacher_text(student: Student, teacher: Any) -> Student:
         raise _refuse(f"teacher text dim {text.embed_dim} != student embed_dim {student.embed_dim}")
     pair = Student(copy.deepcopy(student.image), text, student.embed_dim)
     pair.teacher_identity = student.teacher_identity or teacher.identity
+    pair.provenance = {**(student.provenance or {}), "text_tower": f"the teacher's own ({teacher.name}), paired at export"}
     _check_text(pair, teacher)
     return pair
 

@@ -26,6 +26,7 @@ class Format:
     relocate: Callable[[Path, Path], None] | None = None
     towers: bool = False
     hint: str = ""  # what to try when the gate fails
+    usage: str = ""  # Python that loads such a folder (``{path}``), for its model card
 
 
 FORMATS = Registry("export format")

@@ -123,4 +123,5 @@ def write(student: Any, folder: Path, data: Any = None, **_: Any) -> dict[str, A
 
 # float32 copies of the same weights: any layout error shows on every sample
 register_format(Format("sentence-transformers", write, gate=(0.9999, 0.9995),
-                       detect=lambda folder: (folder / "modules.json").is_file(), read=load_sentence_transformer))
+                       detect=lambda folder: (folder / "modules.json").is_file(), read=load_sentence_transformer,
+                       usage='from sentence_transformers import SentenceTransformer\nmodel = SentenceTransformer("{path}")'))

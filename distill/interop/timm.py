@@ -141,4 +141,5 @@ def _is_timm_folder(folder: Path) -> bool:
     return not (folder / "modules.json").exists() and "architecture" in json_object(folder / "config.json")
 
 
-register_format(Format("timm", write, gate=(0.9999, 0.9995), detect=_is_timm_folder, read=load_timm_folder))
+register_format(Format("timm", write, gate=(0.9999, 0.9995), detect=_is_timm_folder, read=load_timm_folder,
+                       usage='import timm\nmodel = timm.create_model("local-dir:{path}", pretrained=True)'))

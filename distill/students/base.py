@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError, RecipeError
-from ..io import save_tensors, write_json
+from ..io import portable_teacher, save_tensors, write_json
 from ..transforms import PreprocessCfg, eval_transform
 from ..version import __version__
 from .roles import TowerRoles
@@ -165,6 +165,8 @@ class Student(nn.Module):
         self.text = text
         self.embed_dim = embed_dim
         self.teacher_identity: dict[str, Any] | None = None  # set by the trainer, saved in config.json
+        # how it was made (recipe, data, steps), set by the trainer: saved in config.json, shown in its model card
+        self.provenance: dict[str, Any] | None = None
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -204,6 +206,21 @@ class Student(nn.Module):
         for i in range(0, len(texts), chunk):
             out += self.tokenize([t or "" for t in texts[i:i + chunk]])["attention_mask"].sum(1).tolist()
         return out
+
+    def weights_id(self, tower: str) -> str | None:
+        """A digest of ``tower``'s weights (float32, by name): the same for every export of the same tower, so
+        that what one export embedded can be matched with another (a photo index, an INT8 copy)."""
+        import hashlib
+
+        module = getattr(self, tower)
+        if module is None:
+            return None
+        h = hashlib.sha256()
+        for name, value in sorted(module.state_dict().items()):
+            h.update(name.encode() + b"\0")
+            h.update(value.detach().cpu().float().contiguous().numpy().tobytes() if value.is_floating_point()
+                     else value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def num_params(self, tower: str | None = None) -> int:
         mod = self if tower is None else getattr(self, tower)
@@ -287,6 +304,8 @@ class Student(nn.Module):
             cfg["text"] = copy.deepcopy(self.text.spec)
         if self.teacher_identity is not None:
             cfg["teacher"] = self.teacher_identity
+        if self.provenance is not None:
+            cfg["trained"] = self.provenance
         return cfg
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -311,4 +330,10 @@ class Student(nn.Module):
         if self.text is not None:
             self.text.save_pretrained(folder / "text")
         save_tensors(folder / "model.safetensors", state, metadata={"format": FORMAT})
-        write_json(folder / "config.json", self.config())
+        cfg = self.config()
+        if "teacher" in cfg:
+            cfg["teacher"] = portable_teacher(cfg["teacher"], folder)
+        write_json(folder / "config.json", cfg)
+        from ..card import write_card
+
+        write_card(folder, self)

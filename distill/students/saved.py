@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DistillError, FileFormatError, MissingFileError, first_line
-from ..io import load_tensors, read_format_json
+from ..io import load_tensors, read_format_json, resolved_teacher
 from ..transforms import PreprocessCfg
 from .base import FORMAT, Student
 from .image import build_image_tower
@@ -46,5 +46,6 @@ def read_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     except RuntimeError as e:  # the weights are of another model than config.json describes
         raise FileFormatError(f"{path / 'model.safetensors'}: does not match {path / 'config.json'} "
                               f"({first_line(e, 200)}); save the model again") from None
-    student.teacher_identity = cfg.get("teacher")
+    student.teacher_identity = resolved_teacher(cfg.get("teacher"), path)
+    student.provenance = cfg.get("trained")
     return student.to(device).eval()

