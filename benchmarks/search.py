@@ -1,13 +1,14 @@
 """Photo search with the student in use: text -> photo on real photos, in PyTorch, ONNX FP32 and ONNX INT8.
 
 The teacher is ``quality_real.py``'s photo teacher (ImageNet EfficientNet-Lite0 @ 224 px + MiniLM-L6, heads
-tuned); the student is its EfficientNet-Lite0 @ 96 px image student paired with the teacher's text tower
-(``--pair-teacher``, as a user exports it to search by text). Both are reused from ``quality_real.py``'s work
+tuned); the students are its EfficientNet-Lite0 @ 96 px (``student``) and vit_tiny @ 64 px image students, each
+paired with the teacher's text tower (``--pair-teacher``, as a user exports one to search by text). Both are reused from ``quality_real.py``'s work
 folder (trained there when missing). Every engine indexes the 200 held-out flickr1k photos with the library's
 own ``index_photos`` and answers their 1,000 captions (a hit: a photo the caption belongs to):
 
 * ``r1`` / ``r5`` / ``r10``: text -> photo recall; ``top10_vs_fp32``: how much of FP32 PyTorch's top 10 it keeps;
 * ``query_ms``: one query, text encode + search, median of alternated rounds (every engine timed in turn);
+  ``image_ms_b1``: one photo through preprocessing and the image tower, timed the same way;
 * ``index_s`` / ``index_mb``: building the index; ``size_mb``: the model's files;
 * ``mean_cos`` / ``p1_cos``: its photo and caption embeddings against FP32 PyTorch's (the lower of the two towers).
 
@@ -43,7 +44,8 @@ from distill.interop.parity import agreement  # noqa: E402
 from distill.search import PhotoIndex, Searcher, index_photos, open_encoder  # noqa: E402
 from distill.timing import compare  # noqa: E402
 
-STUDENT = "efficientnet_lite0_96"
+STUDENT = "efficientnet_lite0_96"  # the student the scale and re-index parts use
+STUDENTS = {"student": STUDENT, "vit_tiny": "vit_tiny"}  # engine prefix -> quality_real's image student
 EXPORTS = {"onnx": dict(format="onnx"), "onnx-int8-dynamic": dict(format="onnx-int8", quantization="dynamic"),
            "onnx-int8-static": dict(format="onnx-int8", quantization="static")}
 TARGETS = {"int8_gate": "INT8 exports of the Lite0 student and its MiniLM text tower pass the default gate (mean "
@@ -57,33 +59,39 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def models(cfg: dict, assets: Path, work: Path, workers: int) -> tuple[Path, Path]:
-    """The teacher folder and the Lite0 student's folder of quality_real's work, trained when missing."""
+def models(cfg: dict, assets: Path, work: Path, workers: int) -> tuple[Path, dict[str, Path]]:
+    """The teacher folder and the image students' folders of quality_real's work, trained when missing."""
     from distill.cache import TeacherService
     from distill.data.packed import pack_images
 
     sets = qr.image_sets(cfg, assets, work)
     teacher_dir = qr.tune_teacher(cfg, sets["tune"], work, workers)
-    opts = cfg["image_students"][STUDENT]
-    if not (work / "image" / STUDENT / "student" / "config.json").exists():
-        teacher = load_teacher(str(teacher_dir))
-        TeacherService(teacher, work / "image_cache", num_workers=workers).build(
-            sets["distill"], views=cfg["views"], scale=cfg["crop_scale"])
-        if not (work / "packed" / "index.json").exists():
-            pack_images(sets["distill"], work / "packed", size=cfg["pack_size"], workers=workers)
-        qr.distil(STUDENT, opts, cfg, teacher, work / "image_cache", work / "packed", sets["distill"], work, workers)
-    return teacher_dir, work / "image" / STUDENT / "student"
+    students = {}
+    for prefix, name in STUDENTS.items():
+        if not (work / "image" / name / "student" / "config.json").exists():
+            teacher = load_teacher(str(teacher_dir))
+            TeacherService(teacher, work / "image_cache", num_workers=workers).build(
+                sets["distill"], views=cfg["views"], scale=cfg["crop_scale"])
+            if not (work / "packed" / "index.json").exists():
+                pack_images(sets["distill"], work / "packed", size=cfg["pack_size"], workers=workers)
+            qr.distil(name, cfg["image_students"][name], cfg, teacher, work / "image_cache", work / "packed",
+                      sets["distill"], work, workers)
+        students[prefix] = work / "image" / name / "student"
+    return teacher_dir, students
 
 
-def engines(teacher_dir: Path, student_dir: Path, train: Rows, held: Rows, out: Path) -> dict[str, Path]:
+def engines(teacher_dir: Path, students: dict[str, Path], train: Rows, held: Rows, out: Path) -> dict[str, Path]:
     """name -> model folder: each model in PyTorch and in every export, gated on the held-out photos (static
     INT8 calibrated on training photos)."""
     teacher = load_teacher(str(teacher_dir))
-    paired = out / "student_paired"
-    if not (paired / "config.json").exists():
-        pair_with_teacher_text(load_student(student_dir), teacher).save(paired)
+    models = {"teacher": teacher_dir}
+    for prefix, folder in students.items():
+        paired = out / f"{prefix}_paired"
+        if not (paired / "config.json").exists():
+            pair_with_teacher_text(load_student(folder), teacher).save(paired)
+        models[prefix] = paired
     found = {}
-    for name, folder in (("teacher", teacher_dir), ("student", paired)):
+    for name, folder in models.items():
         found[f"{name}/pytorch"] = folder
         for tag, opts in EXPORTS.items():
             dst = out / f"{name}_{tag}"
@@ -156,8 +164,12 @@ def measure(found: dict[str, Path], held: Rows, out: Path) -> dict[str, dict]:
     turn = {name: iter(range(10**9)) for name in searchers}
     times = compare({name: (lambda s=s, n=name: s.text(queries[next(turn[n]) % len(queries)], k=10))
                      for name, s in searchers.items()}, rounds=7)
+    photo = qr.open_image(photos.images[0])
+    image_times = compare({name: (lambda e=s.encoder: e.encode_images([photo])) for name, s in searchers.items()},
+                          rounds=7)
     for name, seconds in times.items():
         result[name]["query_ms"] = round(1000 * seconds, 2)
+        result[name]["image_ms_b1"] = round(1000 * image_times[name], 2)  # one photo: preprocess + image tower
     return result
 
 
@@ -202,7 +214,8 @@ def reindex(found: dict[str, Path], assets: Path, out: Path) -> dict:
 
 
 def print_table(res: dict) -> None:
-    cols = ("r1", "r5", "r10", "top10_vs_fp32", "query_ms", "index_s", "size_mb", "mean_cos", "p1_cos")
+    cols = ("r1", "r5", "r10", "top10_vs_fp32", "query_ms", "image_ms_b1", "index_s", "size_mb", "mean_cos",
+            "p1_cos")
     print(f"\n{'engine':<30}" + "".join(f"{c:>14}" for c in cols))
     for name, r in res["engines"].items():
         print(f"{name:<30}" + "".join(f"{r[c]:>14.4f}" if isinstance(r[c], float) else f"{r[c]:>14}" for c in cols))
@@ -228,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or qr.ROOT / "runs" / f"search_{mode}")
     work.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    teacher_dir, student_dir = models(qr.MODES[mode], assets, qr_work, args.workers)
+    teacher_dir, students = models(qr.MODES[mode], assets, qr_work, args.workers)
     train, held = qr.flickr_split(assets)
-    found = engines(teacher_dir, student_dir, train, held, work)
+    found = engines(teacher_dir, students, train, held, work)
     res = {"engines": measure(found, held, work), "scale": at_scale(found, assets, qr_work, work, args.scale, held),
            "reindex": reindex(found, assets, work)}
     res["exports"] = {name: json.loads((folder / "parity.json").read_text()) for name, folder in found.items()

@@ -92,6 +92,27 @@ print(json.dumps([s.photos, [[h.path, h.score] for h in hits]]))
     assert Searcher(tmp_path / "pt", model=root / "onnx").text("a big blue square", k=3).hits
 
 
+def test_an_index_opened_before_the_onnx_model_still_searches(setup, tmp_path):
+    """usearch loaded before onnxruntime crashed the process on import (SIGSEGV): the index loads onnxruntime first."""
+    root, photos = setup
+    index_photos_in_a_process = f"""
+from distill.search import PhotoIndex, index_photos, open_encoder
+index_photos({str(photos)!r}, {str(tmp_path / 'ix')!r}, {str(root / 'onnx')!r}, progress=False)
+"""
+    p = subprocess.run([sys.executable, "-c", index_photos_in_a_process], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    script = f"""
+from distill.search import PhotoIndex, open_encoder
+index = PhotoIndex({str(tmp_path / 'ix')!r})
+print(len(index.vectors()))
+enc = open_encoder({str(root / 'onnx')!r})
+print(len(index.search(enc.encode_texts(["a big blue square"]), k=3)[0]))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
+    assert p.stdout.split() == ["40", "3"]
+
+
 def test_indexing_again_embeds_only_new_and_changed_photos_and_drops_deleted_ones(setup, tmp_path):
     from distill.search import PhotoIndex, index_photos
 

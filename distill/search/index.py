@@ -194,8 +194,21 @@ def _hint(folder: Path, writable: bool) -> str:
     return ": index the photos again into a new folder" if not writable else ""
 
 
-def _load_vectors(index: PhotoIndex):
+def _usearch_index():
+    """usearch's ``Index`` class, with onnxruntime (when installed) loaded first: onnxruntime's import crashes the
+    process (SIGSEGV) once usearch's compiled module is loaded (usearch 2.26 + onnxruntime 1.32 on Linux), and an
+    ONNX encoder may be opened after the index."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
     from usearch.index import Index
+
+    return Index
+
+
+def _load_vectors(index: PhotoIndex):
+    Index = _usearch_index()
 
     path = index.folder / VECTORS
     gen = index.generation()
@@ -392,7 +405,7 @@ def _update_vectors(index: PhotoIndex, removed: list[int] | None, first_new: int
     """Bring vectors.usearch to the current generation and save it whole: the saved file with ``removed`` taken
     out and the photos from id ``first_new`` on added, when it was current before this run (``removed`` is
     None otherwise); else rebuilt from photos.sqlite."""
-    from usearch.index import Index
+    Index = _usearch_index()
 
     path, gen = index.folder / VECTORS, index.generation()
     vectors = None
