@@ -11,6 +11,9 @@ photo teacher of ``quality_real.py`` (EfficientNet-Lite0 + MiniLM, heads tuned),
 query the 200 photos it held out, the students through its text head. Batches group sentences by length.
 
     python benchmarks/multilingual.py --quick                     # 2 CPU cores, < 30 min: German and French
+    python benchmarks/multilingual.py --quick --small             # the student at most half of MiniLM's size:
+        # its vocabulary trimmed to the parallel text's tokens, its FFN narrowed (student.kwargs.trim_vocab,
+        # intermediate_size; benchmarks/text_students.py --compression)
     python benchmarks/multilingual.py --parallel my.csv --lang vi --eval flickr1k-vi.csv --out results/vi
         # any language: my.csv has columns en and vi; flickr1k-vi.csv is image,caption over flickr1k photos
 
@@ -45,6 +48,11 @@ MODES = {
     "smoke": {"layers": [5], "vocab": 300, "steps": 4, "batch": 8, "lr": 2e-4, "context": 24,
               "scratch_steps": 3, "scratch_batch": 8, "scratch_lr": 5e-4, "scratch_vocab": 300, "queue": 0},
 }
+
+
+# --small: the student's vocabulary trimmed to the parallel text's tokens (twice or more), its FFN narrowed from
+# 1536 to 768 neurons (the ones with the most effect on MiniLM's output over that text)
+SMALL = {"trim_vocab": True, "min_token_count": 2, "intermediate_size": 768}
 
 
 def _params(model) -> int:
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a photo-capable teacher (benchmarks/quality_real.py's tuned EfficientNet-Lite0 + MiniLM) for "
                          f"text->image R@1 on its held-out photos (default {PHOTO_TEACHER.relative_to(REPO)}, "
                          "skipped when absent)")
+    ap.add_argument("--small", action="store_true",
+                    help=f"shrink the student: vocabulary trimmed, FFN narrowed ({SMALL})")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -183,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = Evaluation(teacher, queries, english)
     timing["teacher_eval_s"] = time.perf_counter() - t0
     for name, kwargs, steps, batch, lr in (
-            ("student", {"pretrained": "minilm", "keep_layers": cfg["layers"], "extend_vocab": str(grow_dir)},
+            ("student", {"pretrained": "minilm", "keep_layers": cfg["layers"], "extend_vocab": str(grow_dir),
+                         **({**SMALL, "train_text": str(parallel)} if args.small else {})},
              cfg["steps"], cfg["batch"], cfg["lr"]),
             ("scratch", {"tokenizer": str(scratch_dir), "num_layers": 4, "hidden_size": 256},
              cfg["scratch_steps"], cfg["scratch_batch"], cfg["scratch_lr"])):
@@ -232,8 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{v['student_t2i_r1']:11.3f} {v['student_t2i_r5']:6.3f} {v['scratch_t2i_r1']:11.3f}")
     print(f"{wall / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}' for k, v in timing.items())})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    write_result(f"multilingual{'_' + mode if mode != 'full' else ''}", device, args.out, ("transformers",),
-                 mode=mode, parallel=str(args.parallel), langs=langs, settings=cfg, params=params, timing=timing,
+    name = f"multilingual{'_' + mode if mode != 'full' else ''}{'_small' if args.small else ''}"
+    write_result(name, device, args.out, ("transformers",), mode=mode, small=SMALL if args.small else None,
+                 parallel=str(args.parallel), langs=langs, settings=cfg, params=params, timing=timing,
                  wall_s=wall, **res)
 
 

@@ -25,8 +25,18 @@ def _towers(cfg: dict[str, Any], params: dict[str, int]) -> list[str]:
         out.append(f"- image tower: `{cfg['image'].get('arch', '?')}` at {pre.get('image_size', '?')} px"
                    + (f", {params['image'] / 1e6:.2f}M parameters" if params.get("image") else ""))
     if "text" in cfg:
-        out.append(f"- text tower: `{cfg['text'].get('arch', '?')}`, context {cfg['text'].get('context_length', '?')} "
+        text = cfg["text"]
+        out.append(f"- text tower: `{text.get('arch', '?')}`, context {text.get('context_length', '?')} "
                    "tokens" + (f", {params['text'] / 1e6:.2f}M parameters" if params.get("text") else ""))
+        if text.get("narrowed"):
+            n = text["narrowed"]
+            out.append(f"  - narrowed to hidden size {n['hidden_size']} ({n['num_heads']} heads), FFN "
+                       f"{n['intermediate_size']}: the pretrained encoder's most important ones, by {n['by']}")
+        if text.get("trimmed_vocab"):
+            v = text["trimmed_vocab"]
+            out.append(f"  - vocabulary trimmed to the {v['kept']:,} of {v['of']:,} tokens its training text uses "
+                       f"(at least {v['min_count']} times); [UNK] share on that text: {v['unk_share']:.2%}. Text in "
+                       "another alphabet reads as [UNK]")
     return out
 
 

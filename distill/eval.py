@@ -6,12 +6,15 @@ normalised embeddings and an ``image_transform`` (teachers and students both qua
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data import open_image
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -91,7 +94,7 @@ def caption_retrieval(text_emb: torch.Tensor, groups: Sequence[Any], ks: Sequenc
         rel = g[start:start + len(sim), None] == g[None, :]
         rel[torch.arange(len(sim)), idx] = False
         has = rel.any(-1)
-        top = sim.topk(max(ks), dim=-1).indices
+        top = sim.topk(min(max(ks), len(emb) - 1), dim=-1).indices  # a small set has fewer others than k
         found = torch.gather(rel, 1, top)
         for k in ks:
             hits[k] += int(found[has, :k].any(-1).sum())
@@ -280,7 +283,26 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
         res_q = cross_lingual(teacher, student, q, captions, s_has_img, s_has_txt)
         for name in ("teacher", "student"):
             res[name].update({f"{lang}_{k}": v for k, v in res_q[name].items()})
+    for lang, rows in (({"": captions} if captions is not None else {}) | dict(queries or {})).items():
+        share = text_unk_share(student, [c for c in rows.captions if c]) if s_has_txt else None
+        if share is not None:
+            res["student"][f"{lang}_unk_share" if lang else "unk_share"] = share
     return res
+
+
+def text_unk_share(model: Any, texts: Sequence[str]) -> float | None:
+    """Share of the tokens of ``texts`` the model's text tower reads as [UNK] (None: its tokenizer has no
+    [UNK]); above 1% it warns: a trimmed or foreign vocabulary reads those captions blind."""
+    tok = getattr(getattr(model, "text", None), "tokenizer", None)
+    if getattr(tok, "unk_token_id", None) is None or not texts:
+        return None
+    from .students.shrink import unk_share
+
+    share = unk_share(tok, texts)
+    if share > 0.01:
+        log.warning("%.1f%% of the tokens of %d captions are [UNK] for the student's tokenizer (a trimmed vocabulary, "
+                    "or another language's text): those words read as nothing", 100 * share, len(texts))
+    return share
 
 
 def photo_keys(paths: Sequence[str]) -> dict[str, str]:

@@ -30,6 +30,8 @@ def compare(fns: dict[str, Callable[[], Any]], warmup: int = 3, rounds: int = 7,
     order turning each round), so a slow spell of the machine falls on all of them and not on whichever ran
     then. Each timing repeats a fast call until it lasts ``min_seconds`` (the count fixed after warm-up)."""
     sync, names = _sync(device), list(fns)
+    if not names:  # nothing to time (e.g. two text-only models in eval)
+        return {}
     calls = {}
     for name in names:
         for _ in range(warmup):

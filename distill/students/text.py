@@ -167,9 +167,9 @@ def hf_text_tower(
 @STUDENTS.register(modality="text", hidden_size=256, num_layers=4, image_size=None)
 def bert_small(
     embed_dim: int = 512,
-    hidden_size: int = 256,
+    hidden_size: int | None = None,
     num_layers: int | None = None,
-    num_heads: int = 4,
+    num_heads: int | None = None,
     context_length: int = 77,
     pooling: str = "mean",
     pretrained: str | bool | None = None,
@@ -177,6 +177,10 @@ def bert_small(
     tokenizer: str | None = None,
     extend_vocab: str | None = None,
     keep_layers: Sequence[int] | None = None,
+    intermediate_size: int | None = None,
+    trim_vocab: bool = False,
+    train_text: str | Sequence[str] | None = None,
+    min_token_count: int = 1,
 ) -> TextTower:
     """Small BERT (4 layers x 256, WordPiece uncased vocab). ``pretrained="minilm"`` (or a folder)
     starts from that encoder instead (its hidden size), keeping its first ``num_layers`` layers
@@ -185,14 +189,25 @@ def bert_small(
 
     Other languages: ``tokenizer=DIR`` builds the (random) student on a tokenizer trained for them
     (``distill tokenizer train``); ``extend_vocab=DIR`` adds such a tokenizer's non-ASCII pieces to a
-    pretrained start's vocabulary (``vocab.grow_vocab``), keeping its English tokenization."""
+    pretrained start's vocabulary (``vocab.grow_vocab``), keeping its English tokenization.
+
+    Smaller (``students.shrink``), for a pretrained start: ``trim_vocab`` keeps the tokens ``train_text`` (a .txt,
+    a data source or a parallel csv: what the student will read) uses ``min_token_count`` times or more;
+    ``hidden_size`` / ``intermediate_size`` narrow every block, keeping the teacher's heads, neurons and hidden
+    dimensions with the most effect on its output over ``train_text`` (weight magnitude without it)."""
     if tokenizer and (pretrained or extend_vocab):
         raise RecipeError("student.kwargs.tokenizer: a trained tokenizer builds a student from scratch; with "
                           "student.kwargs.pretrained use extend_vocab instead")
     if extend_vocab and not pretrained:
         raise RecipeError("student.kwargs.extend_vocab: grows a pretrained vocabulary; set student.kwargs.pretrained "
                           "(e.g. minilm), or build from scratch with student.kwargs.tokenizer")
+    if trim_vocab and train_text is None:
+        raise RecipeError("student.kwargs.trim_vocab: keeps the tokens of the text the student will read; name it in "
+                          "student.kwargs.train_text (a .txt file, a data source or a parallel csv)")
     if pretrained:
+        if num_heads is not None:
+            raise RecipeError("student.kwargs.num_heads: a pretrained start keeps its head size; narrowing with "
+                              "hidden_size keeps hidden_size / head size of its heads")
         src = resolve_pretrained(str(pretrained))
         tower = hf_text_tower(src, embed_dim, True, pooling, context_length, num_layers, "bert_small", proj_bias,
                               keep_layers)
@@ -201,11 +216,24 @@ def bert_small(
 
             tower.tokenizer, added = grow_vocab(tower.encoder, tower.tokenizer, load_tokenizer(extend_vocab))
             tower.spec["extended_vocab"] = len(added)
+        if trim_vocab or hidden_size is not None or intermediate_size is not None:
+            from .shrink import read_texts, shrink_text_tower
+
+            texts = read_texts(train_text, "student.kwargs.train_text") if train_text is not None else None
+            tower.spec.update(shrink_text_tower(tower, texts, trim_vocab, min_token_count, hidden_size,
+                                                intermediate_size))
         return tower
+    for key, value in (("trim_vocab", trim_vocab), ("intermediate_size", intermediate_size),
+                       ("train_text", train_text)):
+        if value:
+            raise RecipeError(f"student.kwargs.{key}: shrinks a pretrained start; set student.kwargs.pretrained (e.g. "
+                              "minilm), or size a student from scratch with hidden_size / num_layers / num_heads")
     if keep_layers is not None:
         raise RecipeError("student.kwargs.keep_layers: picks blocks of a pretrained start; set "
                           "student.kwargs.pretrained (e.g. minilm), or num_layers for a student from scratch")
     num_layers = 4 if num_layers is None else num_layers
+    hidden_size = 256 if hidden_size is None else hidden_size
+    num_heads = 4 if num_heads is None else num_heads
     transformers = require("transformers", "text students")
     if tokenizer:
         from ..vocab import load_tokenizer

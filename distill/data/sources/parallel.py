@@ -91,3 +91,18 @@ def _not_sentences(values: Sequence[str]) -> str | None:
     if sum(not any(ch.isalpha() for ch in v) for v in filled) > n / 2:
         return "numbers or codes"
     return None
+
+
+def sentence_columns(source: str | os.PathLike) -> dict[str, list[str]]:
+    """The columns of a csv/tsv whose header is a language code and whose values are sentences (a parallel file's
+    languages), each as its non-empty values."""
+    path = Path(os.path.expanduser(str(source)))
+    records, _, _ = read_table(path, read_text_file(path), "\t" if path.suffix.lower() == ".tsv" else ",")
+    columns = list(records[0]) if records else []
+    values = {c: [(r.get(c) or "").strip() for r in records] for c in columns}
+    found = {c: [v for v in values[c] if v] for c in columns
+             if _LANGUAGE.match(c) and not _not_sentences(values[c]) and _wordy(values[c])}
+    if not found:
+        raise DataError(f"{path}: no column of sentences with a language code as its header (such as en, de or "
+                        f"zh-cn); columns are {columns}")
+    return found
