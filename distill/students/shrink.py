@@ -24,46 +24,38 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DataError, RecipeError
-
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from ..vocab import SPECIALS
 
 
 def read_texts(source: str | os.PathLike | Sequence[str], key: str = "student.kwargs.trim_vocab") -> list[str]:
-    """Texts of a source: a list of strings, a ``.txt`` file (one per line), a data source with captions, or a
+    """Texts of a source: a list of strings, a data source with captions (a .txt file: one per line), or a
     csv/tsv whose columns of sentences are all read (a parallel file: en, de, fr)."""
+    from ..errors import DistillError
+    from ..vocab import texts_of
+
     if not isinstance(source, (str, os.PathLike)):
         texts = [str(t) for t in source]
     else:
         path = Path(os.path.expanduser(str(source)))
         if not path.exists():
             raise DataError(f"{key}: {str(source)!r}: no such file or folder")
-        if path.suffix.lower() == ".txt":
-            from ..data import read_text_file
+        try:
+            texts = texts_of([str(path)])
+        except DistillError:
+            if path.suffix.lower() not in (".csv", ".tsv"):
+                raise
+            texts = []
+        if not texts and path.suffix.lower() in (".csv", ".tsv"):  # no caption column: a parallel file
+            from ..data.sources.parallel import sentence_columns
 
-            texts = read_text_file(path).splitlines()
-        else:
-            texts = _table_texts(path, key)
+            try:
+                texts = [t for col in sentence_columns(path).values() for t in col]
+            except DataError as e:
+                raise DataError(f"{key}: {e}") from None
     texts = [t.strip() for t in texts if t and t.strip()]
     if not texts:
         raise DataError(f"{key}: {source}: no text in it")
     return texts
-
-
-def _table_texts(path: Path, key: str) -> list[str]:
-    from ..data import load_rows
-    from ..errors import DistillError
-
-    try:
-        rows = load_rows(path)
-        if rows.has_text:
-            return [c for c in rows.captions if c]
-    except DistillError:
-        pass
-    if path.suffix.lower() not in (".csv", ".tsv"):
-        raise DataError(f"{key}: {path}: no captions in it (give a .txt file, a csv or a data source with captions)")
-    from ..data.sources.parallel import sentence_columns
-
-    return [t for col in sentence_columns(path).values() for t in col]
 
 
 # -- vocabulary ---------------------------------------------------------------------------------------------
@@ -279,7 +271,9 @@ def narrow(encoder: Any, hidden_size: int | None = None, intermediate_size: int 
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.hidden_size, new_cfg.num_attention_heads, new_cfg.intermediate_size = hidden_size, n_heads, intermediate_size
-    new = type(encoder)(new_cfg, add_pooling_layer=False) if _takes_pooler(encoder) else type(encoder)(new_cfg)
+    from .text import auto_model
+
+    new = auto_model(type(encoder), new_cfg)
     src = encoder.state_dict()
     out = {}
     with torch.no_grad():
@@ -291,12 +285,6 @@ def narrow(encoder: Any, hidden_size: int | None = None, intermediate_size: int 
                                   f"{tuple(value.shape)})")
     new.load_state_dict(out)
     return new, {"hidden": keep_h.tolist(), "heads": keep_heads, "ffn": keep_ffn, "by": scores["by"]}
-
-
-def _takes_pooler(encoder: Any) -> bool:
-    import inspect
-
-    return "add_pooling_layer" in inspect.signature(type(encoder).__init__).parameters
 
 
 def _slice(name: str, w, keep_h, keep_heads, keep_ffn, size: int, old_hidden: int) -> Any:
