@@ -41,18 +41,121 @@ PHOTO_TEACHER = REPO / "runs" / "quality_real_quick" / "teacher" / "model"
 # layers: the blocks of MiniLM-L6 the student keeps (the last one too: before any training, blocks
 # [0, 1, 2, 3, 5] retrieve English captions at R@1 0.618, the first five at 0.484)
 MODES = {
-    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 1600, "batch": 64, "lr": 2e-4, "context": 40,
-              "scratch_steps": 700, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024},
+    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 2800, "batch": 64, "lr": 2e-4, "context": 40,
+              "scratch_steps": 700, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024,
+              "captions_steps": 1500, "captions_lr": 2e-4},
     "full": {"layers": [0, 1, 2, 3, 5], "vocab": 12000, "steps": 20000, "batch": 256, "lr": 2e-4, "context": 64,
-             "scratch_steps": 20000, "scratch_batch": 256, "scratch_lr": 5e-4, "scratch_vocab": 24000, "queue": 4096},
+             "scratch_steps": 20000, "scratch_batch": 256, "scratch_lr": 5e-4, "scratch_vocab": 24000, "queue": 4096,
+             "captions_steps": 3000, "captions_lr": 1e-4},
     "smoke": {"layers": [5], "vocab": 300, "steps": 4, "batch": 8, "lr": 2e-4, "context": 24,
-              "scratch_steps": 3, "scratch_batch": 8, "scratch_lr": 5e-4, "scratch_vocab": 300, "queue": 0},
+              "scratch_steps": 3, "scratch_batch": 8, "scratch_lr": 5e-4, "scratch_vocab": 300, "queue": 0,
+              "captions_steps": 3, "captions_lr": 1e-4},
 }
 
 
 # --small: the student's vocabulary trimmed to the parallel text's tokens (twice or more), its FFN narrowed from
 # 1536 to 768 neurons (the ones with the most effect on MiniLM's output over that text)
 SMALL = {"trim_vocab": True, "min_token_count": 2, "intermediate_size": 768}
+
+
+# the languages a run learns by default: name -> (parallel file with an en column, its captions of flickr1k photos)
+LANGUAGES = {"de": ("multi30k/parallel-train.csv", "multi30k/flickr1k-de.csv"),
+             "fr": ("multi30k/parallel-train.csv", "multi30k/flickr1k-fr.csv"),
+             "zh": ("flickr8k-cn/parallel-train.csv", "flickr8k-cn/flickr1k-zh.csv")}
+
+
+def merge_parallel(files: list[Path], out: Path, limit: int | None = None) -> Path:
+    """Several parallel files (each with an en column) as one csv over the union of their columns: a row
+    leaves the languages its file lacks empty (empty cells are not trained on)."""
+    import csv
+
+    tables = []
+    for f in files:
+        with open(f, encoding="utf-8-sig", newline="") as fh:
+            tables.append(list(csv.DictReader(fh))[:limit])
+    columns = list(dict.fromkeys(c for t in tables for c in (t[0] if t else {})))
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        for t in tables:
+            w.writerows(t)
+    tmp.replace(out)
+    return out
+
+
+def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang: str, work: Path, cfg: dict,
+                  progress: bool) -> dict:
+    """A language with nothing but its own photos: a text student learns captions in ``lang`` onto the frozen
+    photo teacher's embeddings of their photos (``data.text_target: image``), then its captions query the test
+    photos. Without a test file (or the same file), the photos quality_real.py held out are the test photos."""
+    from quality_real import flickr_split
+
+    from distill import Distiller, create_student, load_student, load_teacher
+    from distill.cache import TeacherService
+    from distill.data import load_rows
+    from distill.eval import cross_lingual_recall, embed_images, embed_texts
+    from distill.vocab import train_tokenizer
+
+    key = os.path.realpath
+    train = load_rows(train_file)
+    if test_file and key(test_file) != key(train_file):
+        test = load_rows(test_file)
+    else:
+        _, held = flickr_split(ASSETS)
+        held_photos = {key(p) for p in held.images}
+        test = train.subset([i for i, p in enumerate(train.images) if p and key(p) in held_photos])
+        train = train.subset([i for i, p in enumerate(train.images) if p and key(p) not in held_photos])
+    test_photos = {key(p) for p in test.images if p}
+    overlap = {key(p) for p in train.images if p} & test_photos
+    if overlap:
+        raise SystemExit(f"--captions and --eval share {len(overlap)} photos; test on photos never trained on")
+    photo = load_student(photo_dir).eval()
+    tok_dir = work / f"tok_captions_{lang}"
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer([c for c in train.captions if c], cfg["vocab"], lowercase=True).save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    # MiniLM (vocabulary grown for the language) followed by the photo teacher's text head: a start already in
+    # the photo teacher's space, for English at least
+    student = create_student("bert_small", embed_dim=384, pretrained="minilm", keep_layers=cfg["layers"],
+                             extend_vocab=str(tok_dir), context_length=cfg["context"]).into_space_of(photo, "text")
+    service = TeacherService(load_teacher(str(photo_dir)), work / "photo_cache", num_workers=2, progress=progress)
+    t0 = time.perf_counter()
+    r = Distiller(service, student, output_dir=str(work / f"captions_{lang}"), max_steps=cfg["captions_steps"],
+                  batch_size=cfg["batch"], lr=cfg["captions_lr"], text_target="image", group_by_length=True,
+                  num_workers=0, progress=progress, health_every=0, resume=True,
+                  warmup_steps=max(1, cfg["captions_steps"] // 20),
+                  checkpoint_every=max(1, cfg["captions_steps"] // 2)).fit(train)
+    train_s = time.perf_counter() - t0
+    photos = sorted(test_photos)
+    images = embed_images(photo, photos)
+    pairs = [(c, key(p)) for p, c in zip(test.images, test.captions) if p and c]
+    texts, groups = [c for c, _ in pairs], [g for _, g in pairs]
+    s = cross_lingual_recall(embed_texts(r.student.eval(), texts), groups, images, photos)
+    t = cross_lingual_recall(embed_texts(photo, texts), groups, images, photos)
+    return {"student_r1": s["r1"], "student_r5": s["r5"], "teacher_r1": t["r1"], "teacher_r5": t["r5"],
+            "photos": len(photos), "queries": len(texts), "train_captions": sum(1 for c in train.captions if c),
+            "train_photos": len({p for p in train.images if p}), "train_s": train_s}
+
+
+def tokenizer_table(models: dict, queries: dict, res: dict) -> dict:
+    """Per language, each model's tokenizer on that language's test captions: vocabulary size, [UNK] share,
+    tokens per caption, and the model's caption R@1 (MiniLM's own vocabulary: the teacher)."""
+    from distill.vocab import token_counts
+
+    out: dict = {}
+    for lang, rows in queries.items():
+        texts = [c for c in rows.captions if c]
+        out[lang] = {}
+        for name, model in models.items():
+            tok = model.text.tokenizer if getattr(model, "text", None) is not None else model.tokenizer
+            counts = token_counts(tok, texts)
+            total = sum(counts.values())
+            scores = res["languages"][lang] if name != "scratch" else res["scratch"]["languages"][lang]
+            out[lang][name] = {"vocab": len(tok), "unk_share": counts.get(tok.unk_token_id, 0) / max(total, 1),
+                               "tokens_per_caption": total / max(len(texts), 1),
+                               "r1": scores["teacher_r1" if name == "teacher" else "student_r1"]}
+    return out
 
 
 def _params(model) -> int:
@@ -126,9 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny settings (tests): minutes become seconds")
-    ap.add_argument("--parallel", default=str(ASSETS / "multi30k" / "parallel-train.csv"),
-                    help="csv of parallel sentences: a column en and one per language")
-    ap.add_argument("--lang", action="append", default=None, help="language column(s) of --parallel (default de, fr)")
+    ap.add_argument("--parallel", default=None,
+                    help="csv of parallel sentences: a column en and one per --lang (default: Multi30k en/de/fr "
+                         "and Flickr8K-CN en/zh, merged)")
+    ap.add_argument("--lang", action="append", default=None,
+                    help=f"language column(s) of --parallel (default {', '.join(LANGUAGES)}); with --captions: the "
+                         "captions' language")
     ap.add_argument("--eval", action="append", default=None,
                     help="image,caption file in that language over flickr1k photos (one per --lang, same order)")
     ap.add_argument("--english", default=str(ASSETS / "flickr1k" / "captions.csv"), help="the English captions")
@@ -138,14 +244,23 @@ def main(argv: list[str] | None = None) -> None:
                     help="a photo-capable teacher (benchmarks/quality_real.py's tuned EfficientNet-Lite0 + MiniLM) for "
                          f"text->image R@1 on its held-out photos (default {PHOTO_TEACHER.relative_to(REPO)}, "
                          "skipped when absent)")
-    ap.add_argument("--small", action="store_true",
-                    help=f"shrink the student: vocabulary trimmed, FFN narrowed ({SMALL})")
+    ap.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"shrink the student: vocabulary trimmed, FFN narrowed ({SMALL}); default in --quick")
+    ap.add_argument("--captions", default=None,
+                    help="captions-only mode: an image,caption file in language --lang (no English, no parallel "
+                         "text): a student learns them onto the photo teacher's embeddings of their photos; --eval "
+                         "names the test file (default: the photos quality_real.py held out, from this file)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     cfg = MODES[mode]
-    langs = args.lang or ["de", "fr"]
-    evals = args.eval or [str(ASSETS / "multi30k" / f"flickr1k-{x}.csv") for x in langs]
+    small = args.small if args.small is not None else mode == "quick"
+    if args.captions:
+        return main_captions_only(args, mode, cfg)
+    langs = args.lang or list(LANGUAGES)
+    if args.parallel is None and not set(langs) <= set(LANGUAGES):
+        raise SystemExit(f"--lang {','.join(langs)}: give its parallel file with --parallel (and --eval)")
+    evals = args.eval or [str(ASSETS / LANGUAGES[x][1]) for x in langs]
     if len(evals) != len(langs):
         raise SystemExit("give one --eval file per --lang")
 
@@ -157,11 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     tic = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="multilingual_"))
     work.mkdir(parents=True, exist_ok=True)
-    parallel = Path(args.parallel)
-    if args.limit:
-        lines = parallel.read_text(encoding="utf-8").splitlines()[: args.limit + 1]
-        parallel = work / "parallel.csv"
-        parallel.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if args.parallel:
+        files = [Path(args.parallel)]
+    else:
+        files = [ASSETS / f for f in dict.fromkeys(LANGUAGES[x][0] for x in langs)]
+    parallel = merge_parallel(files, work / "parallel.csv", args.limit) if len(files) > 1 or args.limit else files[0]
     teacher = load_teacher("text:minilm")
     english = load_rows(args.english)
     queries = {x: load_rows(f) for x, f in zip(langs, evals)}
@@ -194,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     timing["teacher_eval_s"] = time.perf_counter() - t0
     for name, kwargs, steps, batch, lr in (
             ("student", {"pretrained": "minilm", "keep_layers": cfg["layers"], "extend_vocab": str(grow_dir),
-                         **({**SMALL, "train_text": str(parallel)} if args.small else {})},
+                         **({**SMALL, "train_text": str(parallel)} if small else {})},
              cfg["steps"], cfg["batch"], cfg["lr"]),
             ("scratch", {"tokenizer": str(scratch_dir), "num_layers": 4, "hidden_size": 256},
              cfg["scratch_steps"], cfg["scratch_batch"], cfg["scratch_lr"])):
@@ -221,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     elif mode != "smoke":
         print(f"no photo teacher at {photo_dir} (run benchmarks/quality_real.py --quick first): text->image skipped")
     res["scratch"] = {"languages": results["scratch"]["languages"], "english": results["scratch"]["english"]}
+    res["tokenizers"] = tokenizer_table({"teacher": teacher, **students}, queries, res)
     wall = time.perf_counter() - tic
     print(f"\nteacher MiniLM-L6 ({params['teacher'] / 1e6:.1f}M params); student from MiniLM's blocks "
           f"{cfg['layers']} + grown vocabulary ({params['student'] / 1e6:.1f}M); from scratch "
@@ -241,12 +357,40 @@ def main(argv: list[str] | None = None) -> None:
         for x, v in p["languages"].items():
             print(f"{x + '->img':10} {v['queries']:5d} {v['teacher_t2i_r1']:11.3f} {v['teacher_t2i_r5']:6.3f} "
                   f"{v['student_t2i_r1']:11.3f} {v['student_t2i_r5']:6.3f} {v['scratch_t2i_r1']:11.3f}")
+    for lang, rows in res["tokenizers"].items():
+        print(f"\n{lang} tokenizers on its test captions\n{'model':10} {'vocab':>7} {'[UNK]':>7} {'tok/caption':>11} "
+              f"{'R@1':>6}")
+        for name, t in rows.items():
+            print(f"{name:10} {t['vocab']:7d} {t['unk_share']:7.2%} {t['tokens_per_caption']:11.1f} {t['r1']:6.3f}")
     print(f"{wall / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}' for k, v in timing.items())})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = f"multilingual{'_' + mode if mode != 'full' else ''}{'_small' if args.small else ''}"
-    write_result(name, device, args.out, ("transformers",), mode=mode, small=SMALL if args.small else None,
-                 parallel=str(args.parallel), langs=langs, settings=cfg, params=params, timing=timing,
+    name = f"multilingual{'_' + mode if mode != 'full' else ''}{'_small' if small else ''}"
+    write_result(name, device, args.out, ("transformers",), mode=mode, small=SMALL if small else None,
+                 parallel=[str(f) for f in files], langs=langs, settings=cfg, params=params, timing=timing,
                  wall_s=wall, **res)
+
+
+def main_captions_only(args, mode: str, cfg: dict) -> None:
+    """``--captions FILE --lang xx [--eval FILE]``: writes ``captions_only: {xx: {...}}``."""
+    if not args.lang or len(args.lang) != 1:
+        raise SystemExit("--captions: name the captions' language with one --lang")
+    lang = args.lang[0]
+    photo_dir = Path(args.photo_teacher) if args.photo_teacher else PHOTO_TEACHER
+    if not (photo_dir / "config.json").exists():
+        raise SystemExit(f"--photo-teacher {photo_dir}: no saved model there (run benchmarks/quality_real.py --quick)")
+    tic = time.perf_counter()
+    work = Path(args.work or tempfile.mkdtemp(prefix="captions_only_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = captions_only(photo_dir, args.captions, (args.eval or [None])[0], lang, work, cfg, mode != "smoke")
+    wall = time.perf_counter() - tic
+    print(f"\n{lang} captions only ({res['train_captions']} captions of {res['train_photos']} photos) -> "
+          f"{res['photos']} test photos, {res['queries']} queries")
+    print(f"{'':8} {'R@1':>6} {'R@5':>6}\nteacher  {res['teacher_r1']:6.3f} {res['teacher_r5']:6.3f}\n"
+          f"student  {res['student_r1']:6.3f} {res['student_r5']:6.3f}\n{wall / 60:.1f} min")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    write_result(f"multilingual_captions_{lang}{'_' + mode if mode != 'full' else ''}", device, args.out,
+                 ("transformers",), mode=mode, captions=str(args.captions), eval=(args.eval or [None])[0],
+                 photo_teacher=str(photo_dir), settings=cfg, wall_s=wall, captions_only={lang: res})
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ def text_unk_share(model: Any, texts: Sequence[str]) -> float | None:
     tok = getattr(getattr(model, "text", None), "tokenizer", None)
     if getattr(tok, "unk_token_id", None) is None or not texts:
         return None
-    from .students.shrink import unk_share
+    from .vocab import unk_share
 
     share = unk_share(tok, texts)
     if share > 0.01:

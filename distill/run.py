@@ -303,8 +303,12 @@ class StepTimes:
         self.window = dict.fromkeys(self.PARTS, 0.0)
 
 
+LOG_FIRST = 10  # skipped rows logged one by one per reason; the rest are counted (and listed in skipped.jsonl)
+
+
 class SkipLog:
-    """Rows a run leaves out: one warning per row (however often it comes round), one line each in
+    """Rows a run leaves out: one warning per row (however often it comes round; the first ``LOG_FIRST`` of
+    each reason, then one line saying the rest are only counted), one line each in
     ``skipped.jsonl`` beside the run (appended as they come: nothing is lost on a crash), and a summary."""
 
     def __init__(self, path: str | os.PathLike | None = None, write: bool = True, resume: bool = False):
@@ -333,7 +337,12 @@ class SkipLog:
         if where in self.seen:
             return
         self._count(where, reason)
-        log.warning("skipping %s: %s (%s)", where, reason, rows.images[i] or repr(rows.captions[i]))
+        n = self.reasons[reason.split(" (")[0]]
+        if n <= LOG_FIRST:  # a file with thousands of bad rows must not drown the log: the rest go to the file
+            log.warning("skipping %s: %s (%s)", where, reason, rows.images[i] or repr(rows.captions[i]))
+        if n == LOG_FIRST:
+            log.warning("more rows skipped for %s are not logged one by one%s; the count comes at the end",
+                        reason.split(" (")[0], f" (all are listed in {self.path})" if self.write else "")
         if self.write:
             rec = {"where": where, "image": rows.images[i], "caption": rows.captions[i], "reason": reason}
             self.path.parent.mkdir(parents=True, exist_ok=True)

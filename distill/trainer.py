@@ -143,11 +143,12 @@ class Distiller:
         if student.image is not None and not rows.has_images:
             raise DataError(f"{rows.source}: the student has an image tower but the data has no images")
         if student.image is None and not rows.has_text:
-            raise DataError(f"{rows.source}: the student is text-only but the data has no captions")
+            raise DataError(f"{rows.source}: the student is text-only but {rows.no_text()}")
         text_from_image, who = r.data.text_target == "image", targets.describe()
         if text_from_image and not (rows.has_images and rows.has_text):
+            why = rows.no_text() if rows.has_images else "it has no images"
             raise RecipeError("data.text_target: image learns captions onto their images' embeddings; the data "
-                              f"({rows.source}) needs images and captions")
+                              f"({rows.source}) needs images and captions, and {why}")
         if text_from_image and not targets.has_image:
             raise RecipeError(f"data.text_target: image learns captions onto the teacher's image embeddings, and {who} "
                               "has no image tower: use data.text_target: caption")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 from ._imports import require
@@ -71,6 +72,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 16000, model: str = 
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return _fast(tok)
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str], batch: int = 4096) -> Counter:
+    """How often each token id occurs in ``texts`` (special tokens not counted)."""
+    counts: Counter = Counter()
+    for i in range(0, len(texts), batch):
+        for ids in tokenizer(list(texts[i:i + batch]), add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+    return counts
+
+
+def unk_share(tokenizer: Any, texts: Sequence[str]) -> float:
+    """Share of the tokens of ``texts`` that are [UNK]."""
+    counts = token_counts(tokenizer, texts)
+    total = sum(counts.values())
+    return counts.get(tokenizer.unk_token_id, 0) / total if total else 0.0
 
 
 def _fast(tok):

@@ -46,7 +46,7 @@ def test_trimming_keeps_in_vocabulary_captions_exactly():
 
 
 def test_text_outside_the_kept_vocabulary_still_encodes_and_is_counted():
-    from distill.students.shrink import unk_share
+    from distill.vocab import unk_share
 
     full, trimmed = _student(keep_layers=[5]), _student(keep_layers=[5], trim_vocab=True, train_text=TRAIN)
     tok = trimmed.text.tokenizer

@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tokenizer(args) -> int:
-    from ..vocab import texts_of, train_tokenizer
+    from ..vocab import token_counts, texts_of, train_tokenizer
 
     from ..outputs import claim, inputs_of, staged
 
@@ -38,7 +38,9 @@ def cmd_tokenizer(args) -> int:
     tok = train_tokenizer(texts, args.vocab, args.model, args.normalize, args.lowercase)
     with staged(args.out) as tmp:
         tok.save_pretrained(str(tmp))
-    unk = sum(e.count(tok.unk_token_id) for e in tok(texts[:2000], add_special_tokens=False)["input_ids"])
+    counts = token_counts(tok, texts)
+    total = sum(counts.values())
     print(f"trained a {args.model} tokenizer of {len(tok)} tokens on {len(texts)} captions; wrote {args.out} "
-          f"({unk} [UNK] in the first {min(2000, len(texts))} captions)")
+          f"({total / max(len(texts), 1):.1f} tokens per caption, [UNK] {counts[tok.unk_token_id] / max(total, 1):.2%} "
+          "of the tokens)")
     return 0

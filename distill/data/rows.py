@@ -40,6 +40,12 @@ class Rows:
     def has_text(self) -> bool:
         return any(c for c in self.captions)
 
+    def no_text(self) -> str:
+        """Why ``has_text`` is False, for a one-line error: an empty caption column, or none."""
+        if self.captions and not self.has_text:
+            return f"its caption column is empty in all {len(self.captions)} rows"
+        return "it has no captions"
+
     def where(self, i: int) -> str:
         """``pairs.csv:58`` (or ``pairs.csv row 57``) for messages about row ``i``."""
         if self.lines is not None and self.lines[i]:

@@ -72,6 +72,14 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def auto_model(factory, source):
+    """``factory(source)`` without the pooler BERT-like encoders carry unused (so every parameter trains)."""
+    try:
+        return factory(source, add_pooling_layer=False)
+    except TypeError:
+        return factory(source)
+
+
 class TextTower(TowerRoles, nn.Module):
     """transformers encoder -> mean/cls/max pooling -> linear projection to ``embed_dim``.
 

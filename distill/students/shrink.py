@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DataError, RecipeError
-from ..vocab import SPECIALS
+from ..vocab import SPECIALS, token_counts, unk_share
 
 
 def read_texts(source: str | os.PathLike | Sequence[str], key: str = "student.kwargs.trim_vocab") -> list[str]:
@@ -67,22 +66,6 @@ def _wordpiece_json(tokenizer: Any) -> dict:
         raise RecipeError(f"student.kwargs.trim_vocab: trims WordPiece vocabularies (BERT, MiniLM, `distill tokenizer "
                           f"train --model wordpiece`); this tokenizer is {kind}")
     return state
-
-
-def token_counts(tokenizer: Any, texts: Sequence[str], batch: int = 4096) -> Counter:
-    """How often each token id occurs in ``texts`` (special tokens not counted)."""
-    counts: Counter = Counter()
-    for i in range(0, len(texts), batch):
-        for ids in tokenizer(list(texts[i:i + batch]), add_special_tokens=False)["input_ids"]:
-            counts.update(ids)
-    return counts
-
-
-def unk_share(tokenizer: Any, texts: Sequence[str]) -> float:
-    """Share of the tokens of ``texts`` that are [UNK]."""
-    counts = token_counts(tokenizer, texts)
-    total = sum(counts.values())
-    return counts.get(tokenizer.unk_token_id, 0) / total if total else 0.0
 
 
 def kept_tokens(tokenizer: Any, texts: Sequence[str], min_count: int = 1) -> list[int]:
@@ -271,7 +254,7 @@ def narrow(encoder: Any, hidden_size: int | None = None, intermediate_size: int 
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.hidden_size, new_cfg.num_attention_heads, new_cfg.intermediate_size = hidden_size, n_heads, intermediate_size
-    from .text import auto_model
+    from .base import auto_model
 
     new = auto_model(type(encoder), new_cfg)
     src = encoder.state_dict()

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from .._imports import require
 from ..errors import FileFormatError, MissingDependencyError, RecipeError, unreachable
 from .registry import STUDENTS
-from .base import OpenClipTextTower, TextTower, keep_space
+from .base import OpenClipTextTower, TextTower, auto_model, keep_space
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BERT_TOKENIZER = _ASSETS / "bert-uncased"  # bert-base-uncased WordPiece vocab (Apache-2.0)
@@ -75,14 +75,6 @@ def st_context_length(folder: str | os.PathLike, tokenizer: Any = None) -> int |
 def bert_tokenizer():
     transformers = require("transformers", "text students")
     return transformers.AutoTokenizer.from_pretrained(str(BERT_TOKENIZER))
-
-
-def auto_model(factory, source):
-    # BERT-like encoders carry an unused pooler; dropping it keeps every parameter trained.
-    try:
-        return factory(source, add_pooling_layer=False)
-    except TypeError:
-        return factory(source)
 
 
 def _truncate_layers(model, num_layers: int | None, keep_layers: Sequence[int] | None = None) -> None:

@@ -36,6 +36,11 @@ class TextTeacher(Teacher):
     def identity(self) -> dict[str, Any]:
         return {**super().identity, "pooling": self.pooling}
 
+    @property
+    def tokenizer(self):
+        """The encoder's tokenizer (transformers)."""
+        return self._tokenizer
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         out = self._tokenizer(list(texts), padding=True, truncation=True,
                               max_length=self.context_length, return_tensors="pt")

@@ -40,8 +40,7 @@ def load_parallel(source: str | os.PathLike, teacher_column: str, student_column
         if missing:
             raise DataError(f"{path}: no column {missing[0]!r} (data.parallel_targets); columns are {columns}")
     else:
-        targets = [c for c in columns if c != teacher_column and _LANGUAGE.match(c) and not _not_sentences(values[c])
-                   and _wordy(values[c])]
+        targets = [c for c in _language_columns(values) if c != teacher_column]
         if not targets:
             raise DataError(f"{path}: no column besides {teacher_column!r} is a language of sentences (a header such "
                             f"as de, fr or zh-cn); columns are {columns}: name the ones the student learns in "
@@ -55,20 +54,34 @@ def load_parallel(source: str | os.PathLike, teacher_column: str, student_column
         if why:
             raise DataError(f"{path}: column {col!r} ({key}) holds {why}, not sentences; name the columns of "
                             f"sentences (columns are {columns})")
+    for col in [teacher_column, *targets]:
+        _warn_mixed_scripts(path, col, values[col], lines)
     learn = targets + ([teacher_column] if keep_source and teacher_column not in targets else [])
     captions, teacher, out_lines = [], [], []
+    empty = dict.fromkeys(learn, 0)
     for k, line in enumerate(lines):
         src = values[teacher_column][k] or None
         for col in learn:
+            if not values[col][k] and src:  # no sentence in this language on this row: nothing to learn
+                empty[col] += 1
+                continue
             captions.append(values[col][k] or None)
             teacher.append(src)
             out_lines.append(line)
+    if any(empty.values()):
+        log.info("%s: empty cells are not trained on (%s)", path,
+                 ", ".join(f"{col}: {n}" for col, n in empty.items() if n))
     return Rows([None] * len(captions), captions, source=str(path), lines=out_lines, teacher_texts=teacher,
                 layout=f"parallel sentences ({teacher_column} -> {', '.join(learn)})")
 
 
 # a language tag as a column header: ISO 639 code, optionally a region or script (de, zh-cn, pt_BR, zh-Hant)
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$", re.IGNORECASE)
+
+
+def _language_columns(values: dict[str, list[str]]) -> list[str]:
+    """Columns whose header is a language code and whose values are sentences."""
+    return [c for c, v in values.items() if _LANGUAGE.match(c) and not _not_sentences(v) and _wordy(v)]
 
 
 def _wordy(values: Sequence[str]) -> bool:
@@ -100,9 +113,44 @@ def sentence_columns(source: str | os.PathLike) -> dict[str, list[str]]:
     records, _, _ = read_table(path, read_text_file(path), "\t" if path.suffix.lower() == ".tsv" else ",")
     columns = list(records[0]) if records else []
     values = {c: [(r.get(c) or "").strip() for r in records] for c in columns}
-    found = {c: [v for v in values[c] if v] for c in columns
-             if _LANGUAGE.match(c) and not _not_sentences(values[c]) and _wordy(values[c])}
+    found = {c: [v for v in values[c] if v] for c in _language_columns(values)}
     if not found:
         raise DataError(f"{path}: no column of sentences with a language code as its header (such as en, de or "
                         f"zh-cn); columns are {columns}")
     return found
+
+
+# scripts a language is written in; Han, kana and their punctuation count as one (Japanese mixes them in a sentence)
+_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "CJK": "CJK", "IDEOGRAPHIC": "CJK", "HANGUL": "HANGUL"}
+
+
+def scripts_of(text: str) -> dict[str, int]:
+    """How many of ``text``'s letters are in each script (``LATIN``, ``CJK``, ``CYRILLIC``, ``ARABIC``...)."""
+    import unicodedata
+
+    counts: dict[str, int] = {}
+    for ch in text:
+        if ch.isalpha():
+            word = unicodedata.name(ch, "?").split(" ")[0]
+            script = _SCRIPT_GROUPS.get(word, word)
+            counts[script] = counts.get(script, 0) + 1
+    return counts
+
+
+def _warn_mixed_scripts(path: Path, column: str, values: Sequence[str], lines: Sequence[int]) -> None:
+    """One line when rows of a language column have no letter in the script most of its rows use (English left
+    untranslated in a Chinese column, a shifted column): those rows teach the student the wrong language. A
+    Chinese row with a Latin word in it is not one of them."""
+    counts = [scripts_of(v) if v else {} for v in values]
+    mains = [max(c, key=c.get) for c in counts if c]
+    if not mains:
+        return
+    from collections import Counter
+
+    main = Counter(mains).most_common(1)[0][0]
+    odd = [i for i, c in enumerate(counts) if c and main not in c]
+    if odd:
+        first = odd[0]
+        log.warning("%s: column %r mixes scripts: %d of its %d rows have no %s letter, as most of it has (first: line "
+                    "%d: %r); check those rows", path, column, len(odd), len(mains), main, lines[first],
+                    values[first][:60])
