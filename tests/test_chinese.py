@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from distill import Distiller, create_student
@@ -51,53 +50,19 @@ def test_the_tokenizer_command_reports_unk_share_and_tokens_per_caption(tmp_path
     assert f"{per_caption:.1f} tokens per caption, [UNK] 0.00% of the tokens" in out
 
 
-COLOURS = {"红色": (220, 30, 30), "绿色": (30, 200, 40), "蓝色": (30, 40, 220), "黄色": (230, 220, 30)}
-
-
-def _photos(root: Path, per_colour: int, seed: int) -> list[tuple[str, str, str]]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name, rgb in COLOURS.items():
-        for k in range(per_colour):
-            img = np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            path = root / f"{seed}_{k}_{len(rows)}.png"
-            Image.fromarray(img).save(path)
-            rows.append((str(path), f"一张{name}的照片", name))
-    return rows
-
-
-def test_chinese_captions_alone_learnt_onto_frozen_photos_find_held_out_photos(teacher, tmp_path):
-    from distill.eval import cross_lingual_recall, embed_images
-    from distill.vocab import train_tokenizer
-
-    (tmp_path / "img").mkdir()
-    train, held = _photos(tmp_path / "img", 10, 0), _photos(tmp_path / "img", 3, 1)
-    with open(tmp_path / "train.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("image", "caption"), *[(p, c) for p, c, _ in train]])
-    train_tokenizer([c for _, c, _ in train] * 5, vocab_size=100).save_pretrained(tmp_path / "tok")
-    torch.manual_seed(0)
-    student = create_student("bert_small", embed_dim=teacher.embed_dim, tokenizer=str(tmp_path / "tok"),
-                             hidden_size=32, num_layers=1, num_heads=2)
-    images, groups = embed_images(teacher, [p for p, _, _ in held]), [g for _, _, g in held]
-
-    def t2i():
-        with torch.no_grad():
-            q = student.eval().encode_text([c for _, c, _ in held])
-        return cross_lingual_recall(q, groups, images, groups, ks=(1,))["r1"]
-
-    before = t2i()
-    Distiller(teacher, student, output_dir=str(tmp_path / "run"), max_steps=40, batch_size=16, lr=3e-3,
-              text_target="image", **FAST).fit(str(tmp_path / "train.csv"))
-    after = t2i()
-    assert after >= 0.9 and after > before + 0.3, (before, after)
+def _photos(root: Path, n: int) -> list[str]:
+    paths = [root / f"{k}.png" for k in range(n)]
+    for k, path in enumerate(paths):
+        Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(path)
+    return [str(p) for p in paths]
 
 
 def test_an_empty_caption_column_is_named_in_one_line(teacher, tmp_path):
     from distill.errors import DataError
 
     (tmp_path / "img").mkdir()
-    photos = _photos(tmp_path / "img", 1, 0)
-    (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{p},\n" for p, _, _ in photos), encoding="utf-8")
+    photos = _photos(tmp_path / "img", 4)
+    (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{p},\n" for p in photos), encoding="utf-8")
     student = create_student("bert_small", embed_dim=teacher.embed_dim, hidden_size=32, num_layers=1, num_heads=2)
     with pytest.raises(DataError, match=r"train.csv: the student is text-only but its caption column is empty in all "
                                         r"4 rows"):

@@ -63,8 +63,13 @@ def test_grown_vocabulary_keeps_english_tokens_and_starts_new_ones_from_their_pi
     torch.testing.assert_close(emb[new], emb[old].mean(0))
 
 
+# a caption of each colour's photo, per language: German, and Chinese (no spaces, one token per character)
+COLOUR_CAPTIONS = {"de": ["ein Foto in rot", "ein Foto in grün", "ein Foto in blau", "ein Foto in gelb"],
+                   "zh": ["一张红色的照片", "一张绿色的照片", "一张蓝色的照片", "一张黄色的照片"]}
+
+
 def _colour_captions():
-    return [f"ein Foto in {c}" for c in ("rot", "grün", "blau", "gelb")] + \
+    return [c for caps in COLOUR_CAPTIONS.values() for c in caps] + \
            [f"a photo in {c}" for c in ("red", "green", "blue", "yellow")]
 
 
@@ -91,25 +96,29 @@ def test_parallel_sentences_move_the_foreign_embedding_onto_the_teachers_english
     assert len(result.history["loss"]) == 60
 
 
-def _colour_photos(root: Path, per_colour: int, seed: int) -> list[tuple[str, str, str]]:
+def _colour_photos(root: Path, per_colour: int, seed: int, lang: str = "de") -> list[tuple[str, str, str]]:
     rng = np.random.default_rng(seed)
     rows = []
-    for name, rgb in (("rot", (220, 30, 30)), ("grün", (30, 200, 40)), ("blau", (30, 40, 220)), ("gelb", (230, 220, 30))):
+    colours = (("rot", (220, 30, 30)), ("grün", (30, 200, 40)), ("blau", (30, 40, 220)), ("gelb", (230, 220, 30)))
+    for (name, rgb), caption in zip(colours, COLOUR_CAPTIONS[lang]):
         for k in range(per_colour):
             noise = rng.integers(-20, 20, (32, 32, 3))
             img = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
             path = root / f"{name}_{seed}_{k}.png"
             Image.fromarray(img).save(path)
-            rows.append((str(path), f"ein Foto in {name}", name))
+            rows.append((str(path), caption, name))
     return rows
 
 
-def test_captions_learnt_onto_frozen_images_improve_text_to_image_recall(teacher, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("lang", ["de", "zh"])
+def test_captions_learnt_onto_frozen_images_improve_text_to_image_recall(lang, teacher, tokenizer_dir, tmp_path):
+    """A language with nothing but its own photos: captions alone, learnt onto the teacher's image embeddings,
+    find held-out photos."""
     from distill.eval import cross_lingual_recall, embed_images
 
     (tmp_path / "img").mkdir()
-    train = _colour_photos(tmp_path / "img", 10, 0)
-    held = _colour_photos(tmp_path / "img", 3, 1)
+    train = _colour_photos(tmp_path / "img", 10, 0, lang)
+    held = _colour_photos(tmp_path / "img", 3, 1, lang)
     with open(tmp_path / "train.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("image", "caption"), *[(p, c) for p, c, _ in train]])
     torch.manual_seed(0)

@@ -23,14 +23,19 @@ def _benchmark():
 
 
 
-@pytest.mark.skipif(not (ASSETS / "multi30k" / "parallel-train.csv").exists(), reason="real Multi30k assets absent")
-def test_benchmark_smoke_writes_the_fields_the_issue_names(tmp_path):
-    bench = _benchmark()
+def _tiny_photo_teacher(folder: Path) -> None:
+    """A tiny two-tower model on MiniLM's first block: a stand-in for quality_real.py's photo teacher."""
     torch.manual_seed(0)
     photo = create_student("vit_tiny+bert_small", embed_dim=384, image_size=32,
                            image_kwargs={"model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
                            text_kwargs={"pretrained": "minilm", "num_layers": 1})
-    photo.save(tmp_path / "photo")
+    photo.save(folder)
+
+
+@pytest.mark.skipif(not (ASSETS / "multi30k" / "parallel-train.csv").exists(), reason="real Multi30k assets absent")
+def test_benchmark_smoke_writes_the_fields_the_issue_names(tmp_path):
+    bench = _benchmark()
+    _tiny_photo_teacher(tmp_path / "photo")
     bench.main(["--smoke", "--limit", "120", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
                 "--photo-teacher", str(tmp_path / "photo")])
     result = json.loads((tmp_path / "out" / "multilingual_smoke_cpu.json").read_text())
@@ -51,11 +56,7 @@ def test_benchmark_smoke_writes_the_fields_the_issue_names(tmp_path):
 @pytest.mark.skipif(not (ASSETS / "flickr8k-cn" / "flickr1k-zh.csv").exists(), reason="real Flickr8K-CN assets absent")
 def test_captions_only_mode_writes_the_fields_the_issue_names(tmp_path):
     bench = _benchmark()
-    torch.manual_seed(0)
-    photo = create_student("vit_tiny+bert_small", embed_dim=384, image_size=32,
-                           image_kwargs={"model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-                           text_kwargs={"pretrained": "minilm", "num_layers": 1})
-    photo.save(tmp_path / "photo")
+    _tiny_photo_teacher(tmp_path / "photo")
     bench.main(["--smoke", "--captions", str(ASSETS / "flickr8k-cn" / "flickr1k-zh.csv"), "--lang", "zh",
                 "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--photo-teacher", str(tmp_path / "photo")])
     result = json.loads((tmp_path / "out" / "multilingual_captions_zh_smoke_cpu.json").read_text())
