@@ -8,8 +8,8 @@ from typing import Any
 
 from .io import atomic_write_text, write_json
 
-HEADLINE = ("params_image", "zero_shot_top1", "i2t_r1", "t2i_r1", "fidelity", "knn10_overlap",
-            "macs_image", "latency_ms_b1", "images_per_s")
+HEADLINE = ("params_image", "params_text", "zero_shot_top1", "i2t_r1", "t2i_r1", "fidelity", "knn10_overlap",
+            "unk_share", "macs_image", "latency_ms_b1", "images_per_s")
 
 
 def _fmt(col: str, v: Any) -> str:
@@ -27,7 +27,7 @@ def _fmt(col: str, v: Any) -> str:
 def format_table(results: dict[str, Any], markdown: bool = False) -> str:
     """Teacher, student and their ratio for the headline metrics present in ``results``."""
     t, s = results["teacher"], results["student"]
-    cols = [c for c in HEADLINE if c in t or c in s]
+    cols = [c for c in HEADLINE if (c in t or c in s) and not (c.startswith("params") and not (t.get(c) or s.get(c)))]
     cols += [c for c in t if c.endswith(("_r1", "_r5")) and c not in cols and c not in
              ("i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")]  # cross-lingual retrieval (<lang>_r1, <lang>_t2i_r1)
     rows = [("teacher", [_fmt(c, t.get(c)) for c in cols]), ("student", [_fmt(c, s.get(c)) for c in cols])]

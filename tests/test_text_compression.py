@@ -155,6 +155,10 @@ def test_eval_reports_the_share_of_unknown_tokens_and_warns_when_it_is_high(tmp_
     teacher, student = load_teacher("text:minilm"), _student(keep_layers=[5], trim_vocab=True, train_text=TRAIN)
     res = evaluate_pair(teacher, student, load_rows(tmp_path / "en.csv"))
     assert res["student"]["unk_share"] == 0
+    from distill.report import format_table
+
+    head = format_table(res).splitlines()[0].split()  # text models: their text towers' size, not an empty image one
+    assert head[:2] == ["model", "params_text"] and "params_image" not in head and "unk_share" in head
     with caplog.at_level("WARNING"):
         res = evaluate_pair(teacher, student, load_rows(tmp_path / "zh.csv"))
     assert res["student"]["unk_share"] == 1.0
