@@ -283,10 +283,11 @@ def evaluate_pair(teacher: Any, student: Any, captions: Any = None, classes: Any
         res_q = cross_lingual(teacher, student, q, captions, s_has_img, s_has_txt)
         for name in ("teacher", "student"):
             res[name].update({f"{lang}_{k}": v for k, v in res_q[name].items()})
-    for lang, rows in (({"": captions} if captions is not None else {}) | dict(queries or {})).items():
-        share = text_unk_share(student, [c for c in rows.captions if c]) if s_has_txt else None
+    unk_sets = {"unk_share": captions, **{f"{lang}_unk_share": q for lang, q in (queries or {}).items()}}
+    for key, rows in unk_sets.items():
+        share = text_unk_share(student, [c for c in rows.captions if c]) if s_has_txt and rows is not None else None
         if share is not None:
-            res["student"][f"{lang}_unk_share" if lang else "unk_share"] = share
+            res["student"][key] = share
     return res
 
 

@@ -327,22 +327,23 @@ class SkipLog:
             elif self.write:
                 self.path.unlink()
 
-    def _count(self, where: str, reason: str) -> None:
+    def _count(self, where: str, reason: str) -> tuple[str, int]:
+        """Count a skipped row; its reason's key (the reason without its details) and that key's count."""
         self.seen.add(where)
         key = reason.split(" (")[0]
         self.reasons[key] = self.reasons.get(key, 0) + 1
+        return key, self.reasons[key]
 
     def add(self, rows: Rows, i: int, reason: str) -> None:
         where = rows.where(i)
         if where in self.seen:
             return
-        self._count(where, reason)
-        n = self.reasons[reason.split(" (")[0]]
+        key, n = self._count(where, reason)
         if n <= LOG_FIRST:  # a file with thousands of bad rows must not drown the log: the rest go to the file
             log.warning("skipping %s: %s (%s)", where, reason, rows.images[i] or repr(rows.captions[i]))
         if n == LOG_FIRST:
             log.warning("more rows skipped for %s are not logged one by one%s; the count comes at the end",
-                        reason.split(" (")[0], f" (all are listed in {self.path})" if self.write else "")
+                        key, f" (all are listed in {self.path})" if self.write else "")
         if self.write:
             rec = {"where": where, "image": rows.images[i], "caption": rows.captions[i], "reason": reason}
             self.path.parent.mkdir(parents=True, exist_ok=True)
