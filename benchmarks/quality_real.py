@@ -534,6 +534,28 @@ def print_table(result: dict) -> None:
             print(f"  {m:22} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
+def photo_models(cfg: dict, assets: Path, work: Path, workers: int, students: dict[str, str]) -> tuple[Path, dict[str, Path]]:
+    """The photo teacher's folder and image students' folders (``{key: image student name}``) of this
+    benchmark's work folder, trained when missing (other benchmarks reuse them: search, vlm)."""
+    from distill.cache import TeacherService
+    from distill.data.packed import pack_images
+
+    sets = image_sets(cfg, assets, work)
+    teacher_dir = tune_teacher(cfg, sets["tune"], work, workers)
+    found = {}
+    for key, name in students.items():
+        if not (work / "image" / name / "student" / "config.json").exists():
+            teacher = load_teacher(str(teacher_dir))
+            TeacherService(teacher, work / "image_cache", num_workers=workers).build(
+                sets["distill"], views=cfg["views"], scale=cfg["crop_scale"])
+            if not (work / "packed" / "index.json").exists():
+                pack_images(sets["distill"], work / "packed", size=cfg["pack_size"], workers=workers)
+            distil(name, cfg["image_students"][name], cfg, teacher, work / "image_cache", work / "packed",
+                   sets["distill"], work, workers)
+        found[key] = work / "image" / name / "student"
+    return teacher_dir, found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 CPU cores, < 45 min")

@@ -59,27 +59,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def models(cfg: dict, assets: Path, work: Path, workers: int) -> tuple[Path, dict[str, Path]]:
-    """The teacher folder and the image students' folders of quality_real's work, trained when missing."""
-    from distill.cache import TeacherService
-    from distill.data.packed import pack_images
-
-    sets = qr.image_sets(cfg, assets, work)
-    teacher_dir = qr.tune_teacher(cfg, sets["tune"], work, workers)
-    students = {}
-    for prefix, name in STUDENTS.items():
-        if not (work / "image" / name / "student" / "config.json").exists():
-            teacher = load_teacher(str(teacher_dir))
-            TeacherService(teacher, work / "image_cache", num_workers=workers).build(
-                sets["distill"], views=cfg["views"], scale=cfg["crop_scale"])
-            if not (work / "packed" / "index.json").exists():
-                pack_images(sets["distill"], work / "packed", size=cfg["pack_size"], workers=workers)
-            qr.distil(name, cfg["image_students"][name], cfg, teacher, work / "image_cache", work / "packed",
-                      sets["distill"], work, workers)
-        students[prefix] = work / "image" / name / "student"
-    return teacher_dir, students
-
-
 def engines(teacher_dir: Path, students: dict[str, Path], train: Rows, held: Rows, out: Path) -> dict[str, Path]:
     """name -> model folder: each model in PyTorch and in every export, gated on the held-out photos (static
     INT8 calibrated on training photos)."""
@@ -241,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or qr.ROOT / "runs" / f"search_{mode}")
     work.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    teacher_dir, students = models(qr.MODES[mode], assets, qr_work, args.workers)
+    teacher_dir, students = qr.photo_models(qr.MODES[mode], assets, qr_work, args.workers, STUDENTS)
     train, held = qr.flickr_split(assets)
     found = engines(teacher_dir, students, train, held, work)
     res = {"engines": measure(found, held, work), "scale": at_scale(found, assets, qr_work, work, args.scale, held),

@@ -46,6 +46,7 @@ _KINDS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     ("an open_clip export", lambda d: (d / "open_clip_config.json").is_file()),
     ("a sentence-transformers model", lambda d: (d / "modules.json").is_file()),
     ("an ONNX export", lambda d: (d / "onnx_config.json").is_file()),
+    ("a vision-language adapter", lambda d: (d / "adapter_config.json").is_file()),
     (SAVED_MODEL, lambda d: _saved_model(d)),
     ("a timm model", lambda d: "architecture" in json_object(d / "config.json")),
     (INDEX, lambda d: _format(d / "index.json").startswith("clip-distill-index")),
@@ -59,7 +60,7 @@ _PARITY = ("parity.json", "parity.md", "README.md")
 # what each kind of artifact writes at its top level: anything else there is someone else's
 _OWNS: dict[str, tuple[str, ...]] = {
     RUN: ("run.json", "log.jsonl", "health.jsonl", "skipped.jsonl", "recipe.yaml", "checkpoints", "student", "model",
-          "features", "distill", "events.out.tfevents*"),
+          "adapter", "features", "distill", "events.out.tfevents*"),
     CACHE: ("manifest.json", "images", "texts", "skipped.jsonl", "checked.json"),
     "an open_clip export": ("open_clip_config.json", "open_clip_model.safetensors", "timm", "text", *_TOKENIZER,
                             *_PARITY),
@@ -67,6 +68,7 @@ _OWNS: dict[str, tuple[str, ...]] = {
                                       "sentence_bert_config.json", "config_sentence_transformers.json", *_TOKENIZER,
                                       *_PARITY),
     "an ONNX export": ("onnx_config.json", "image.onnx", "text.onnx", "tokenizer", *_PARITY),
+    "a vision-language adapter": ("adapter_config.json", "adapter.safetensors", "README.md"),
     SAVED_MODEL: ("config.json", "model.safetensors", "text", "eval", *_PARITY),
     "a timm model": ("config.json", "model.safetensors", *_PARITY),
     INDEX: ("index.json", "photos.sqlite", "photos.sqlite-journal", "vectors.usearch"),

@@ -54,7 +54,8 @@ class Pipeline:
 
 def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hold_out: bool = False) -> Pipeline:
     """Batches of ``rows`` for training ``model`` (a Student) with ``targets`` (the teacher side, see
-    ``cache.targets``; None when the model trains on its own, as in contrastive tuning)."""
+    ``cache.targets``; None when the model trains on its own, as in contrastive tuning). ``model`` None: the
+    batches hold rows and captions only (a trainer that reads a frozen tower's table, ``features``)."""
     r = recipe
     dist.state(cpu=r.train.cpu, timeout_s=r.train.dist_timeout)  # several processes: the group, with the run's timeout
     # the rules of `distill data check`: in data with images, a row without one is left out, as is a row
@@ -79,7 +80,7 @@ def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hol
     dataset, collate = _dataset(train_rows, train_keys, r, model, targets)
     options = dict(batch_size=r.train.batch_size, seed=r.train.seed, pin=torch.cuda.is_available() and not r.train.cpu,
                    num_workers=r.data.num_workers if rows.has_images else 0,
-                   lengths=model.token_counts(train_rows.captions) if r.data.group_by_length else None)
+                   lengths=model.token_counts(train_rows.captions) if r.data.group_by_length and model else None)
     fingerprint = None
     with dist.stop_together("while fingerprinting the data"):  # one process reads the data, the others hear it
         if dist.is_main():
@@ -93,8 +94,9 @@ def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hol
 def _dataset(rows: Rows, keys: tuple | None, r: Any, model: Any, targets: Any):
     """(dataset, collate): the trained model's views and tokens, and what the teacher side adds."""
     text_target = targets is None or targets.has_text or not targets.text
-    views = {"student": model.preprocess} if rows.has_images and model.image is not None else {}
-    tokenizers = {"student": model.tokenize} if rows.has_text and model.text is not None and text_target else {}
+    views = {"student": model.preprocess} if model is not None and rows.has_images and model.image is not None else {}
+    tokenizers = {"student": model.tokenize} if model is not None and rows.has_text and model.text is not None \
+        and text_target else {}
     words = tokens.syntax_annotator(r.train.schedule, model.text if tokenizers else None)
     reader = image_reader(r.data.packed)
     if targets is not None:

@@ -50,7 +50,7 @@ _NOT_RUN_FIELDS = {
 }
 RUN_FILES = ("log.jsonl", "health.jsonl", "skipped.jsonl", "run.json")
 # what a run writes in its output folder (and train.overwrite deletes): no input may live there
-RUN_PATHS = (*RUN_FILES, "recipe.yaml", "checkpoints", "student", "model", "features")
+RUN_PATHS = (*RUN_FILES, "recipe.yaml", "checkpoints", "student", "model", "adapter", "features")
 
 
 def data_fingerprint(rows: Rows, image_keys: list[str | None] | None = None, progress: bool = True) -> str:
@@ -200,8 +200,9 @@ def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: boo
     root = output_dir / "checkpoints"
     ckpts = list_checkpoints(root)
     work = [output_dir / f for f in RUN_FILES[:1] if (output_dir / f).exists()] + ckpts
-    for model in ("student", "model"):
-        if (output_dir / model / "model.safetensors").exists():
+    for model, weights in (("student", "model.safetensors"), ("model", "model.safetensors"),
+                           ("adapter", "adapter.safetensors")):
+        if (output_dir / model / weights).exists():
             work.append(output_dir / model)
     rid = _hash(run)
     if train_cfg.overwrite and (work or root.exists()):
@@ -209,7 +210,7 @@ def claim_output_dir(output_dir: Path, train_cfg, run: dict[str, Any], main: boo
             log.warning("train.overwrite: deleting the previous run in %s", output_dir)
             for f in RUN_FILES:
                 (output_dir / f).unlink(missing_ok=True)
-            for d in (root, output_dir / "student", output_dir / "model"):  # features/ is keyed: kept
+            for d in (root, output_dir / "student", output_dir / "model", output_dir / "adapter"):  # features/: keyed
                 shutil.rmtree(d, ignore_errors=True)
         ckpts, work = [], []
     if not work:

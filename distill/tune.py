@@ -28,7 +28,6 @@ import logging
 import math
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,10 +36,10 @@ from torch import nn
 
 from . import dist, tokens
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
-from .data import PairDataset, Rows, as_rows, make_collate
-from .data.packed import image_reader
+from .data import Rows, as_rows, make_collate
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
+from .features import FrozenTable, TableRows, image_table
 from .io import load_tensors, save_tensors
 from .loop import FitResult, TrainLoop
 from .optim import seed_everything
@@ -65,16 +64,6 @@ class _Temperature(nn.Module):
 
 
 LOCKED = {"text": ("text",), "image": ("image",), "both": ("image", "text")}  # towers each lock mode freezes
-
-
-@dataclass
-class FrozenTable:
-    """Outputs of a locked tower computed once: ``rows`` maps a key (a caption, or a dataset row for
-    images) to a row of ``values``; ``head``: the values are trunk features, the tower's head still applies."""
-
-    rows: dict[Any, int]
-    values: torch.Tensor
-    head: bool
 
 
 class TuneStep(nn.Module):
@@ -186,23 +175,6 @@ def _features_key(model, data_id: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-class _TableRows(torch.utils.data.Dataset):
-    """Rows by index and caption only (the towers' outputs come from tables); rows whose image could
-    not be read come back as skipped."""
-
-    def __init__(self, rows: Rows, bad: dict[int, str]):
-        self.rows, self.bad = rows, bad
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        i = int(key) % len(self.rows)
-        if i in self.bad:
-            return {"index": i, "skip": self.bad[i]}
-        return {"index": i, "caption": self.rows.captions[i]}
-
-
 class Tuner:
     """Train a two-tower Student contrastively on image-caption pairs.
 
@@ -268,27 +240,14 @@ class Tuner:
         """Trunk features of each distinct image (eval view) once; returns the table (dataset row -> row of
         features) and the rows whose image could not be read."""
         r, image = self.recipe, self.model.image
-        unique = list(dict.fromkeys(rows.images))
-        data = PairDataset(Rows(unique, [None] * len(unique), source=rows.source), {"student": image.preprocess},
-                           augment=False, reader=image_reader(r.data.packed))
-        loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=r.data.num_workers,
-                                             collate_fn=make_collate({}))
         dev = self._device()
         image.to(dev).eval()
         if r.train.channels_last:
             image.to(memory_format=torch.channels_last)  # CNN trunks: faster convolutions, the same features
-        feats = torch.zeros(len(unique), image.proj.in_features)
-        bad: dict[str, str] = {}
-        with torch.no_grad():
-            for batch in track(loader, desc="locked image tower", unit="batch", enabled=r.train.progress):
-                bad.update({unique[i]: why for i, why in batch["skipped"]})
-                if "index" in batch:
-                    pix = normalize(batch["views"]["student"].to(dev), image.preprocess)
-                    feats[batch["index"]] = image.trunk(pix).float().cpu()
+        table, bad = image_table(rows, image.preprocess, image.trunk, dev, r.data.num_workers, r.data.packed,
+                                 progress=r.train.progress, desc="locked image tower")
         image.cpu()
-        where = {p: i for i, p in enumerate(unique)}
-        table = FrozenTable({i: where[p] for i, p in enumerate(rows.images) if p not in bad}, feats, head=True)
-        return table, {i: bad[p] for i, p in enumerate(rows.images) if p in bad}
+        return FrozenTable(table.rows, table.values, head=True), bad
 
     def _frozen_tables(self, rows: Rows, data_id: str) -> tuple[dict[str, FrozenTable], dict[int, str]]:
         """Both locked towers' tables, read from ``<output_dir>/features/`` when they were computed for this
@@ -365,7 +324,7 @@ class Tuner:
             return {}
         if t.lock == "both":  # only the heads train: read both towers from tables
             tables, bad = self._frozen_tables(pipe.train, pipe.fingerprint)
-            pipe.with_dataset(_TableRows(pipe.train, bad), make_collate({}))
+            pipe.with_dataset(TableRows(pipe.train, bad), make_collate({}))
             return tables
         pipe.with_dataset(pipe.dataset, make_collate({}))  # the text side comes from its table: no tokens
         return {"text": self._text_table(pipe.train.captions)}

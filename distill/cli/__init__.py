@@ -21,6 +21,8 @@ commands:
   index    embed a folder of photos into a search index (incremental; an ONNX export needs no torch)
   search   search an index by text or by an example photo
   serve    a local web page to search an index
+  adapt    train an adapter: a frozen tower (teacher or student) as a frozen language model's eyes
+  caption  caption photos, or answer a prompt about them, with a saved adapter
   list     show the registered teachers, students and losses
 """
 
@@ -29,7 +31,7 @@ DEBUG_ENV = "DISTILL_DEBUG"  # set to 1: every error shows its Python traceback
 REPORT_URL = "https://github.com/clip-distill/clip-distill/issues"
 
 
-COMMANDS = ("demo", "train", "export", "data", "plan", "evaluate", "cache", "tokenizer", "search",
+COMMANDS = ("demo", "train", "export", "data", "plan", "evaluate", "cache", "tokenizer", "search", "vlm",
             "registered")  # in help order
 
 

@@ -8,10 +8,10 @@ from .overrides import (apply_options, flat_options, load_recipe, merge, parse_o
 from .rules import RULES, validate
 from .schema import (CACHE_DTYPES, DEFAULT_TEACHER, IMAGE_MODES, LOCKS, LORA_TOWERS, OPTIMIZERS, PRECISIONS, TEXT_MODES,
                      CacheCfg, DataCfg, LossCfg, OptimCfg, Recipe, StageCfg, StudentCfg, TeacherCfg, TokensCfg,
-                     TrainCfg, TuneCfg)
+                     TrainCfg, TuneCfg, VlmCfg)
 
 __all__ = ["Recipe", "TeacherCfg", "StudentCfg", "DataCfg", "CacheCfg", "LossCfg", "OptimCfg", "TokensCfg",
-           "StageCfg", "TrainCfg", "TuneCfg", "load_recipe", "apply_options", "flat_options", "set_dotted",
+           "StageCfg", "TrainCfg", "TuneCfg", "VlmCfg", "load_recipe", "apply_options", "flat_options", "set_dotted",
            "parse_overrides", "read_yaml", "merge", "save_recipe", "validate", "RULES", "RecipeError",
            "DEFAULT_TEACHER", "PRECISIONS", "OPTIMIZERS", "CACHE_DTYPES", "LOCKS", "LORA_TOWERS", "IMAGE_MODES",
            "TEXT_MODES"]

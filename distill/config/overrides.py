@@ -21,7 +21,7 @@ from .schema import Recipe
 # across the training sections map to themselves; a few aliases read better.
 _ALIASES = {"loss_weights": "loss.weights", "loss_kwargs": "loss.kwargs", "data": "data.train",
             "cache": "cache.dir", "cache_views": "cache.views", "cache_dtype": "cache.dtype"}
-_FLAT_SECTIONS = ("data", "cache", "loss", "optim", "train", "tune")
+_FLAT_SECTIONS = ("data", "cache", "loss", "optim", "train", "tune", "vlm")
 
 
 def flat_options() -> dict[str, str]:

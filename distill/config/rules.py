@@ -8,7 +8,8 @@ import math
 from typing import Any
 
 from ..errors import RecipeError
-from .schema import (CACHE_DTYPES, IMAGE_MODES, LOCKS, LORA_TOWERS, OPTIMIZERS, PRECISIONS, TEXT_MODES, Recipe)
+from .schema import (CACHE_DTYPES, IMAGE_MODES, LOCKS, LORA_TOWERS, OPTIMIZERS, PRECISIONS, TEXT_MODES, VLM_FEATURES,
+                     Recipe)
 
 
 def _at_least(low: float) -> Any:
@@ -85,6 +86,13 @@ RULES: dict[str, Any] = {
     "tune.lora_alpha": _above(0),
     "tune.lora_dropout": lambda v: (0.0 <= v < 1.0, "must be in [0, 1)"),
     "tune.lora_towers": _one_of(*LORA_TOWERS),
+    "vlm.features": _one_of(*VLM_FEATURES),
+    "vlm.prefix_tokens": _at_least(1),
+    "vlm.projector_hidden": _at_least(1),
+    "vlm.merge": _at_least(1),
+    "vlm.max_answer_tokens": _at_least(1),
+    "vlm.lm_lora": _at_least(0),
+    "vlm.lm_lora_alpha": _above(0),
 }
 
 

@@ -12,6 +12,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 CACHE_DTYPES = ("fp16", "fp32")
 LOCKS = ("none", "text", "image", "both", "lora")
 LORA_TOWERS = ("image", "text", "both")
+VLM_FEATURES = ("pooled", "patches")
 
 
 IMAGE_MODES = ("resize", "random", "grid", "block")  # train.schedule[].image_tokens.mode
@@ -139,6 +140,27 @@ class TuneCfg:
 
 
 @dataclass
+class VlmCfg:
+    """A frozen tower as a language model's eyes (``distill adapt``): only the adapter (and optional LoRA) trains."""
+
+    tower: str = ""  # the frozen vision tower: a saved teacher or student folder, or a run (load_student reads it)
+    lm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # causal LM: hub name, local folder, or a .gguf file
+    gguf_file: Optional[str] = None  # a GGUF file inside vlm.lm's folder (or give the .gguf path as vlm.lm)
+    features: str = "pooled"  # pooled: the tower's embedding -> prefix_tokens (ClipCap) | patches: one per patch (LLaVA)
+    prefix_tokens: int = 8  # pooled: how many LM tokens the embedding becomes
+    projector_hidden: int = 1024  # width of the projector MLP's hidden layer
+    merge: int = 1  # patches: merge a merge x merge square of patches into one token (pixel shuffle)
+    prompt: str = "Describe the photo in one sentence."  # the user turn that follows the image
+    system: Optional[str] = None  # the system turn; None: the chat template's own
+    chat_template: Optional[str] = None  # a Jinja chat template, for an LM whose tokenizer has none
+    max_answer_tokens: int = 40  # answers (captions) are cut to this many tokens in training
+    init_adapter: Optional[str] = None  # start from a saved adapter (a teacher's, tuned briefly on its student's tower)
+    lm_lora: int = 0  # LoRA rank on the LM's attention projections (peft); 0: the LM stays frozen
+    lm_lora_alpha: float = 16.0
+    lm_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class Recipe:
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     student: StudentCfg = field(default_factory=StudentCfg)
@@ -148,6 +170,7 @@ class Recipe:
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     tune: TuneCfg = field(default_factory=TuneCfg)
+    vlm: VlmCfg = field(default_factory=VlmCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -1,0 +1,71 @@
+"""``distill adapt`` and ``distill caption``: a frozen tower as a language model's eyes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .args import count
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("adapt", help="train an adapter: a frozen tower as a frozen language model's eyes",
+                       description="Trains a projector from a frozen image tower (vlm.tower: a saved teacher or "
+                       "student) into a frozen causal LM (vlm.lm: a hub name, a local folder or a .gguf file) on "
+                       "image-caption pairs (data.train), with the loss on the caption tokens only. The tower's "
+                       "features are computed once (or read from cache.dir when the tower is that cache's teacher). "
+                       "vlm.features=patches feeds patch tokens (vlm.merge=2: pixel shuffle); vlm.lm_lora=8 also "
+                       "trains LoRA on the LM; vlm.init_adapter=DIR starts from another adapter (a teacher's, tuned "
+                       "on its student). The adapter is written to <output_dir>/adapter. Example: distill adapt "
+                       "recipes/vlm_smollm2_prefix.yaml vlm.tower=runs/teacher/model data.train=captions.csv")
+    a.add_argument("recipe", nargs="?", help="recipe YAML (only what differs from the defaults)")
+    a.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
+    a.set_defaults(run=run_adapt)
+
+    c = sub.add_parser("caption", help="caption photos (or answer a prompt about them) with a saved adapter",
+                       description="Generates one answer per photo through the adapter's tower and LM (or --tower: "
+                       "a student of the teacher it was trained on reads it too; another tower is refused, naming the "
+                       "field). Photos that cannot be opened are skipped and listed.")
+    c.add_argument("adapter", help="an adapter folder (distill adapt's <output_dir>/adapter, or the run folder)")
+    c.add_argument("photos", nargs="+", help="photos, folders (recursive) or a data file with an image column")
+    c.add_argument("--tower", help="the tower to look through (default: the one the adapter names)")
+    c.add_argument("--lm", help="the LM (default: the one the adapter names)")
+    c.add_argument("--prompt", help="another question than the one the adapter was trained with")
+    c.add_argument("--max-new-tokens", type=count(1, 4096), default=40)
+    c.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=count(1, 4096), default=16)
+    c.add_argument("--json", action="store_true", help="print one JSON object per photo")
+    c.set_defaults(run=run_caption)
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from ..config import load_recipe
+    from ..vlm import AdapterTrainer
+
+    path = args.recipe if args.recipe and "=" not in args.recipe else None  # overrides alone are a recipe too
+    recipe = load_recipe(path, ([args.recipe] if args.recipe and path is None else []) + args.overrides)
+    result = AdapterTrainer(recipe=recipe).fit()
+    print(f"final loss {result.history['loss'][-1]:.4f} after {result.steps} steps; adapter: {result.model_dir}")
+    return 0
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..vlm import caption_images, load_vlm
+
+    folder = Path(args.adapter)
+    if not (folder / "adapter_config.json").exists() and (folder / "adapter" / "adapter_config.json").exists():
+        folder = folder / "adapter"
+    vlm = load_vlm(folder, lm_name=args.lm)
+    out = caption_images(vlm, args.photos, tower=args.tower, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                         sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                         batch_size=args.batch_size, seed=args.seed)
+    for path, text in zip(out.paths, out.captions):
+        print(json.dumps({"photo": path, "caption": text}, ensure_ascii=False) if args.json else f"{path}\t{text}")
+    for path, why in out.skipped.items():
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return 0

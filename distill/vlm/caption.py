@@ -1,0 +1,89 @@
+"""Caption (or answer a prompt about) photos with a saved adapter: the tower's features of each photo once,
+then batched generation. Photos that cannot be opened are skipped and listed, as in training."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..data import Rows
+from ..features import image_table
+from .lm import ChatPrompt
+from .model import VisionLanguageModel
+from .tower import VisionTower, check_tower
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Captions:
+    """``captions[i]`` answers ``paths[i]``; ``skipped``: ``{path: why}`` of the photos that could not be read."""
+
+    paths: list[str]
+    captions: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def photo_paths(items: Sequence[str] | str) -> list[str]:
+    """Image paths from files, folders (recursive, sorted) or a data file (``load_rows``'s formats)."""
+    out: list[str] = []
+    for item in [items] if isinstance(items, (str, os.PathLike)) else items:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            out += sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
+                          if f.lower().endswith(IMAGE_EXTS))
+        elif item.lower().endswith(IMAGE_EXTS):
+            out.append(item)
+        else:
+            from ..data import load_rows
+
+            out += [p for p in dict.fromkeys(load_rows(item).images) if p]
+    return out
+
+
+def tower_features(tower: VisionTower, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
+                   progress: bool = True, device: str | torch.device = "cpu") -> tuple[list[str], torch.Tensor,
+                                                                                     dict[str, str]]:
+    """(readable paths, their features [N, ...], {unreadable path: why}) by the frozen tower."""
+    rows = Rows(list(paths), [None] * len(paths))
+    tower.model.to(device)
+    table, bad = image_table(rows, tower.preprocess, tower.encode, device, num_workers, batch_size=batch_size,
+                             progress=progress, desc=f"tower {tower.name}")
+    good = [i for i in range(len(paths)) if i in table.rows]
+    feats = table.values[torch.tensor([table.rows[i] for i in good], dtype=torch.long)] if good else table.values
+    return [paths[i] for i in good], feats, {paths[i]: why for i, why in bad.items()}
+
+
+def caption_images(vlm: VisionLanguageModel, images: Sequence[str] | str, tower: Any = None,
+                   prompt: str | None = None, max_new_tokens: int = 40, sample: bool = False,
+                   temperature: float = 1.0, top_p: float = 0.9, batch_size: int = 16, seed: int = 0,
+                   progress: bool = True, features: torch.Tensor | None = None) -> Captions:
+    """Generate one answer per photo. ``tower``: a VisionTower or a folder (default: the one the adapter was
+    trained on); a tower of another space, width or kind is refused, naming the field. ``prompt``: another
+    question than the one trained with. ``features``: [N, ...] already computed for ``images`` (a list)."""
+    if features is None:
+        if tower is None:
+            tower = vlm.vision.get("path")
+            if not tower:
+                from ..errors import ModelError
+
+                raise ModelError("--tower: the adapter names no tower folder; pass the tower to look through")
+        if not isinstance(tower, VisionTower):
+            tower = VisionTower.load(tower, vlm.vision.get("features", "pooled"))
+        check_tower(vlm.vision, tower.identity())
+        paths, features, skipped = tower_features(tower, photo_paths(images), progress=progress)
+    else:
+        paths, skipped = list(images), {}
+    chat = vlm.chat
+    if prompt is not None and prompt != vlm.prompt_text:
+        vlm.chat = ChatPrompt.build(vlm.tokenizer, prompt, vlm.system)
+    try:
+        texts = vlm.generate(features, max_new_tokens, sample, temperature, top_p, batch_size, seed, progress)
+    finally:
+        vlm.chat = chat
+    return Captions(paths, texts, skipped)
+
+
+__all__ = ["Captions", "caption_images", "photo_paths", "tower_features"]
