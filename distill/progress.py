@@ -28,6 +28,11 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def plural(unit: str) -> str:
+    """``batch`` -> ``batches``, ``step`` -> ``steps`` (the units progress reports count)."""
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 class Lines:
     """tqdm's interface (``update``, ``set_postfix``, ``set_description``, ``write``, ``close``) as plain lines:
     ``train: 120/1000 steps (12%), 3.20 steps/s, 4m35s left, loss=0.51``."""
@@ -53,13 +58,14 @@ class Lines:
         self.last, self._shown = now, self.n
         done = self.n - self.start_n
         rate = done / max(now - self.start, 1e-9)
-        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"]
+        units = plural(self.unit)
+        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {units}"]
         if self.total:
             parts[0] += f" ({self.n / self.total:.0%})"
             self._next_fraction = (int(self.n / self.total * 10) + 1) / 10
             if 0 < rate and self.n < self.total:
                 parts.append(f"{_duration((self.total - self.n) / rate)} left")
-        parts.insert(1, f"{rate:.2f} {self.unit}s/s" if rate < 10 else f"{rate:,.0f} {self.unit}s/s")
+        parts.insert(1, f"{rate:.2f} {units}/s" if rate < 10 else f"{rate:,.0f} {units}/s")
         self.stream.write(", ".join(parts) + (f", {self.postfix}" if self.postfix else "") + "\n")
         self.stream.flush()
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelError
 from ..progress import progress
 from .adapter import Projector, check_lm, read_adapter, resolve, save_adapter, portable
 from .lm import ChatPrompt, lm_identity
@@ -218,7 +219,11 @@ def load_vlm(adapter: str | os.PathLike, lm: Any = None, tokenizer: Any = None, 
     src = cfg["lm"]
     if lm is None:
         name = lm_name or resolve(src.get("lm"), folder)
-        lm, tokenizer = load_lm(name, gguf_file if lm_name else src.get("gguf_file"), src.get("chat_template"))
+        try:
+            lm, tokenizer = load_lm(name, gguf_file if lm_name else src.get("gguf_file"), src.get("chat_template"))
+        except ModelError as e:
+            raise ModelError(f"{folder}: the language model it names cannot be loaded ({e}); pass it (--lm, or "
+                             "load_vlm(..., lm_name=...))") from None
         src = {**src, "lm": name}
     check_lm(cfg["lm"], lm_identity(lm, src.get("name")))
     vision = dict(cfg["vision"])

@@ -78,9 +78,10 @@ class VisionTower:
         """The width of one feature vector (the embedding, or one patch token)."""
         if self.features == "pooled":
             return int(self.model.embed_dim)
-        s = self.preprocess.image_size
-        with torch.no_grad():
-            return int(self.encode(torch.zeros(1, 3, s, s, device=self.device)).shape[-1])
+        if getattr(self, "_patch_width", None) is None:
+            s = self.preprocess.image_size
+            self._patch_width = int(self.encode(torch.zeros(1, 3, s, s, device=self.device)).shape[-1])
+        return self._patch_width
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights": self.weights(), "space": self.space(), "features": self.features,

@@ -252,7 +252,7 @@ def adapter_card(model: VisionLanguageModel, steps: int, rows: int) -> str:
         + (f" (LoRA rank {model.lora['rank']} trained)" if model.lora else "") + ".", "",
         f"- vision tower: {v.get('name')} ({v.get('features')}, width {v.get('width')}, space {v.get('space')})",
         f"- prompt: {model.prompt_text!r}", "",
-        "Use: `distill caption --adapter THIS_FOLDER PHOTOS...` or `load_vlm(THIS_FOLDER)`. A pooled adapter "
+        "Use: `distill caption THIS_FOLDER PHOTOS...` or `caption_images(load_vlm(THIS_FOLDER), photos)`. A pooled adapter "
         "also reads any student distilled from the same teacher (its embeddings are in the teacher's space); "
         "another tower or LM is refused.", "",
         "Limits: it captions what its training captions describe, in their language and style; it is not a "
