@@ -10,7 +10,9 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_parse(path):
     r = load_recipe(path)
-    assert (r.teacher.name or path.name.startswith("tune_")) and r.student.name and r.train.max_steps > 0
+    assert (r.teacher.name or path.name.startswith(("tune_", "vlm_"))) and r.student.name and r.train.max_steps > 0
+    if path.name.startswith("vlm_"):  # an adapter recipe names its language model
+        assert r.vlm.lm and r.vlm.prefix_tokens > 0
 
 
 def test_at_least_the_four_required_recipes():
