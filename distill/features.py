@@ -3,13 +3,16 @@ caption), and the dataset of rows that indexes it. Locked-tower tuning (``distil
 training (``distill adapt``) both train on such tables instead of running the frozen tower every step."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .data import PairDataset, Rows, make_collate
 from .data.packed import image_reader
+from .io import load_tensors, save_tensors
 from .progress import track
 from .transforms import PreprocessCfg, normalize
 
@@ -69,4 +72,37 @@ def image_table(rows: Rows, preprocess: PreprocessCfg, encode: Callable[[torch.T
     return table, {i: bad[p] for i, p in enumerate(rows.images) if p in bad}
 
 
-__all__ = ["FrozenTable", "TableRows", "image_table"]
+def read_tables(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[int, str]] | None:
+    """Tables a run stored (``write_tables``) for ``key`` (what they were computed from: towers, data), with
+    ``{row: why}`` of the rows left out; None when the file is absent or was computed from something else."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("key") != key:
+        return None
+    return load_tensors(path), {int(i): why for i, why in json.loads(meta.get("bad", "{}")).items()}
+
+
+def write_tables(path: Path, key: str, tensors: dict[str, torch.Tensor], bad: dict[int, str]) -> None:
+    """Store tables under ``key`` (atomically; the main process only: every process computed the same)."""
+    from . import dist
+
+    if dist.is_main():
+        save_tensors(path, {k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key,
+                                                                                   "bad": json.dumps(bad)})
+
+
+def table_rows(table: FrozenTable, n: int) -> torch.Tensor:
+    """``[n]`` the row of ``table`` each dataset row reads (-1: none), to store beside its values."""
+    return torch.tensor([table.rows.get(i, -1) for i in range(n)])
+
+
+def rows_of(index: torch.Tensor) -> dict[int, int]:
+    """The inverse of ``table_rows``: dataset row -> table row, for the rows that have one."""
+    return {i: int(j) for i, j in enumerate(index.tolist()) if j >= 0}
+
+
+__all__ = ["FrozenTable", "TableRows", "image_table", "read_tables", "write_tables", "table_rows", "rows_of"]

@@ -39,8 +39,7 @@ from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
 from .data import Rows, as_rows, make_collate
 from .dist import gather_rows
 from .errors import DataError, RecipeError, UnknownNameError
-from .features import FrozenTable, TableRows, image_table
-from .io import load_tensors, save_tensors
+from .features import FrozenTable, TableRows, image_table, read_tables, rows_of, table_rows, write_tables
 from .loop import FitResult, TrainLoop
 from .optim import seed_everything
 from .pipeline import build_pipeline
@@ -255,23 +254,15 @@ class Tuner:
         key = _features_key(self.model, data_id)
         path = Path(self.recipe.train.output_dir) / "features" / "frozen.safetensors"
         captions = list(dict.fromkeys(c for c in rows.captions if c))
-        if path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") == key:
-                t = load_tensors(path)
-                rows_of = {i: int(j) for i, j in enumerate(t["image_rows"].tolist()) if j >= 0}
-                bad = {int(i): why for i, why in json.loads(meta.get("bad", "{}")).items()}
-                return {"image": FrozenTable(rows_of, t["image"], True),
-                        "text": FrozenTable({c: i for i, c in enumerate(captions)}, t["text"], True)}, bad
+        stored = read_tables(path, key)
+        if stored is not None:
+            t, bad = stored
+            return {"image": FrozenTable(rows_of(t["image_rows"]), t["image"], True),
+                    "text": FrozenTable({c: i for i, c in enumerate(captions)}, t["text"], True)}, bad
         image, bad = self._image_table(rows)
         text = self._text_table(captions, through_head=False)
-        if dist.is_main():
-            image_rows = torch.tensor([image.rows.get(i, -1) for i in range(len(rows))])
-            save_tensors(path, {"image": image.values, "text": text.values, "image_rows": image_rows},
-                         metadata={"key": key, "bad": json.dumps(bad)})
+        write_tables(path, key, {"image": image.values, "text": text.values,
+                                 "image_rows": table_rows(image, len(rows))}, bad)
         return {"image": image, "text": text}, bad
 
     def fit(self, data: Any = None) -> FitResult:

@@ -336,6 +336,12 @@ def test_a_teacher_towers_features_come_from_its_cache(parts, tmp_path, monkeypa
     rows = load_rows(parts["train"])
     table, bad = trainer.features(rows, "x")
     assert not bad and len(table.rows) == len(rows)
+    # a resumed run reads what the run stored: neither the cache nor the tower again; other data: not that
+    monkeypatch.setattr(AdapterTrainer, "_from_cache", lambda *a: pytest.fail("read again"))
+    again, _ = trainer.features(rows, "x")
+    assert torch.equal(again.values, table.values) and again.rows == table.rows
+    with pytest.raises(pytest.fail.Exception):
+        trainer.features(rows, "other data")
     monkeypatch.undo()
     paths = list(dict.fromkeys(rows.images))[:8]
     _, live, _ = tower_features(VisionTower.load(parts["tower"]), paths, progress=False)

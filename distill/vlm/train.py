@@ -16,8 +16,7 @@ from .. import dist
 from ..config import Recipe, apply_options
 from ..data import as_rows, make_collate
 from ..errors import DataError, RecipeError
-from ..features import FrozenTable, TableRows, image_table
-from ..io import load_tensors, save_tensors
+from ..features import FrozenTable, TableRows, image_table, read_tables, rows_of, table_rows, write_tables
 from ..loop import FitResult, TrainLoop
 from ..optim import seed_everything
 from ..pipeline import build_pipeline
@@ -150,20 +149,11 @@ class AdapterTrainer:
         r = self.recipe
         key = json.dumps({"tower": self.tower.identity(), "data": data_id}, sort_keys=True)
         path = Path(r.train.output_dir) / "features" / "vlm.safetensors"
-        if path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") == key:
-                t = load_tensors(path)
-                rows_of = {i: int(j) for i, j in enumerate(t["rows"].tolist()) if j >= 0}
-                return FrozenTable(rows_of, t["values"]), {int(i): w for i, w in json.loads(meta["bad"]).items()}
+        stored = read_tables(path, key)
+        if stored is not None:
+            return FrozenTable(rows_of(stored[0]["rows"]), stored[0]["values"]), stored[1]
         table, bad = self._from_cache(rows) or self._from_tower(rows)
-        if dist.is_main():
-            index = torch.tensor([table.rows.get(i, -1) for i in range(len(rows))])
-            save_tensors(path, {"values": table.values.contiguous(), "rows": index},
-                         metadata={"key": key, "bad": json.dumps(bad)})
+        write_tables(path, key, {"values": table.values, "rows": table_rows(table, len(rows))}, bad)
         return table, bad
 
     def _from_cache(self, rows: Any) -> tuple[FrozenTable, dict[int, str]] | None:
