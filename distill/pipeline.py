@@ -91,6 +91,22 @@ def build_pipeline(rows: Rows, recipe: Any, model: Any, targets: Any = None, hol
                     options)
 
 
+def image_caption_rows(recipe: Any, data: Any, needs: str) -> tuple[Any, Rows]:
+    """(the source, its rows) a run trains on: ``data`` or ``data.train``; image-caption pairs, or one line
+    saying ``needs`` them."""
+    from .data import as_rows
+    from .errors import RecipeError
+
+    r = recipe
+    source = data if data is not None else r.data.train
+    if source is None or (isinstance(source, str) and not source):
+        raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
+    rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
+    if not rows.has_images or not rows.has_text:
+        raise DataError(f"{rows.source}: {needs} image-caption pairs")
+    return source, rows
+
+
 def _dataset(rows: Rows, keys: tuple | None, r: Any, model: Any, targets: Any):
     """(dataset, collate): the trained model's views and tokens, and what the teacher side adds."""
     text_target = targets is None or targets.has_text or not targets.text
@@ -117,4 +133,4 @@ def _hold_out(rows: Rows, t: Any) -> tuple[list[int], list[int]]:
     return hold_out(rows, size, t.seed)
 
 
-__all__ = ["Pipeline", "build_pipeline"]
+__all__ = ["Pipeline", "build_pipeline", "image_caption_rows"]

@@ -36,13 +36,13 @@ from torch import nn
 
 from . import dist, tokens
 from .config import LOCKS, LORA_TOWERS, Recipe, apply_options
-from .data import Rows, as_rows, make_collate
+from .data import Rows, make_collate
 from .dist import gather_rows
-from .errors import DataError, RecipeError, UnknownNameError
+from .errors import RecipeError, UnknownNameError
 from .features import FrozenTable, TableRows, image_table, read_tables, rows_of, table_rows, write_tables
 from .loop import FitResult, TrainLoop
 from .optim import seed_everything
-from .pipeline import build_pipeline
+from .pipeline import build_pipeline, image_caption_rows
 from .progress import track
 from .run import check_output_dir, provenance, recipe_inputs, run_identity, run_inputs
 from .losses import EmbeddingQueue, clip_loss  # noqa: F401  (clip_loss: re-exported, used below)
@@ -267,12 +267,7 @@ class Tuner:
 
     def fit(self, data: Any = None) -> FitResult:
         r, model, t = self.recipe, self.model, self.recipe.tune
-        source = data if data is not None else r.data.train
-        if source is None or (isinstance(source, str) and not source):
-            raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
-        rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
-        if not rows.has_images or not rows.has_text:
-            raise DataError(f"{rows.source}: tuning needs image-caption pairs")
+        source, rows = image_caption_rows(r, data, "tuning needs")
         if r.data.group_by_length:
             raise RecipeError("data.group_by_length: batches by caption length for distillation (distill fit); "
                               "contrastive tuning takes its negatives from random batches: set it to false")

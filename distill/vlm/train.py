@@ -14,12 +14,12 @@ from torch import nn
 
 from .. import dist
 from ..config import Recipe, apply_options
-from ..data import as_rows, make_collate
+from ..data import make_collate
 from ..errors import DataError, RecipeError
 from ..features import FrozenTable, TableRows, image_table, read_tables, rows_of, table_rows, write_tables
 from ..loop import FitResult, TrainLoop
 from ..optim import seed_everything
-from ..pipeline import build_pipeline
+from ..pipeline import build_pipeline, image_caption_rows
 from ..run import check_output_dir, provenance, recipe_inputs, run_identity, run_inputs
 from .adapter import Projector
 from .lm import load_lm
@@ -193,12 +193,7 @@ class AdapterTrainer:
     def fit(self, data: Any = None) -> FitResult:
         """Train; the adapter is written to ``<output_dir>/adapter`` (``load_vlm`` reads it)."""
         r = self.recipe
-        source = data if data is not None else r.data.train
-        if source is None or (isinstance(source, str) and not source):
-            raise RecipeError("data.train: no training data: pass fit(data) or set data.train")
-        rows = as_rows(source, image_column=r.data.image_column, caption_column=r.data.caption_column)
-        if not rows.has_images or not rows.has_text:
-            raise DataError(f"{rows.source}: adapter training needs image-caption pairs (the captions are the answers)")
+        source, rows = image_caption_rows(r, data, "adapter training (the captions are the answers) needs")
         inputs = {**recipe_inputs(r), **run_inputs(source, rows)}
         if self.tower.folder is not None:
             inputs["the vision tower (vlm.tower)"] = str(self.tower.folder)
