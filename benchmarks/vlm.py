@@ -83,7 +83,8 @@ def train_adapter(name: str, tower: VisionTower, lm, tok, rows: Rows, cfg: dict,
     res = AdapterTrainer(tower, lm, tok, output_dir=str(out), max_steps=steps, batch_size=cfg["batch"], lr=cfg["lr"],
                          warmup_steps=cfg["warmup"], prefix_tokens=cfg["prefix_tokens"],
                          projector_hidden=cfg["hidden"], num_workers=workers, checkpoint_every=50, resume=True,
-                         init_adapter=str(init) if init else None, log_every=10).fit(rows)
+                         init_adapter=str(init) if init else None, log_every=10,
+                         feature_noise=cfg.get("feature_noise", 0.0)).fit(rows)
     t = res.extra["timing"]
     train_s = t.get("step_s", 0.0) + t.get("data_s", 0.0)
     tokens = sum(res.history.get("answer_tokens", []))  # one micro-batch per step (no accumulation here)
@@ -121,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-photos", default=None, help="a folder of photos: caption -> photo recall on them too")
     p.add_argument("--steps", type=int, default=None, help="the teacher adapter's steps (default: the mode's)")
     p.add_argument("--student-steps", type=int, default=None, help="the student adapter's tuning steps")
+    p.add_argument("--feature-noise", type=float, default=None, help="vlm.feature_noise of both adapters")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lm-workers", type=int, default=2, help="loader processes of adapter training")
     p.add_argument("--out", default=str(qr.ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     cfg, assets = dict(MODES[mode]), Path(args.assets)
-    cfg.update({k: v for k, v in (("steps", args.steps), ("student_steps", args.student_steps)) if v is not None})
+    cfg.update({k: v for k, v in (("steps", args.steps), ("student_steps", args.student_steps),
+                                  ("feature_noise", args.feature_noise)) if v is not None})
     qr_work = Path(args.qr_work or qr.ROOT / "runs" / f"quality_real_{'quick' if mode == 'full' else mode}")
     work = Path(args.work or qr.ROOT / "runs" / f"vlm_{mode}")
     work.mkdir(parents=True, exist_ok=True)

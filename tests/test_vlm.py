@@ -151,9 +151,13 @@ def test_a_tower_of_another_space_and_another_lm_are_refused(parts, tmp_path):
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(parts, tmp_path):
-    full = _fit(parts, tmp_path / "full", 6, checkpoint_every=3, grad_accum=2)
-    _fit(parts, tmp_path / "cut", 3, checkpoint_every=3, grad_accum=2)  # "killed" after the step-3 checkpoint
-    resumed = _fit(parts, tmp_path / "cut", 6, checkpoint_every=3, grad_accum=2, resume=True)
+    # with noise on the features: the random state the steps draw from is restored too
+    kw = dict(checkpoint_every=3, grad_accum=2, feature_noise=0.05)
+    full = _fit(parts, tmp_path / "full", 6, **kw)
+    _fit(parts, tmp_path / "cut", 3, **kw)  # "killed" after the step-3 checkpoint
+    resumed = _fit(parts, tmp_path / "cut", 6, resume=True, **kw)
+    quiet = _fit(parts, tmp_path / "quiet", 6, checkpoint_every=3, grad_accum=2)
+    assert quiet.history["loss"][1:] != full.history["loss"][1:]  # the noise is there
     assert resumed.history["loss"] == full.history["loss"]
     for (k, a), b in zip(full.model.projector.state_dict().items(), resumed.model.projector.state_dict().values()):
         assert torch.equal(a, b), k

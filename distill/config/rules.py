@@ -92,6 +92,7 @@ RULES: dict[str, Any] = {
     "vlm.merge": _at_least(1),
     "vlm.max_answer_tokens": _at_least(1),
     "vlm.lm_lora": _at_least(0),
+    "vlm.feature_noise": _at_least(0.0),
     "vlm.lm_lora_alpha": _above(0),
 }
 

@@ -154,6 +154,8 @@ class VlmCfg:
     system: Optional[str] = None  # the system turn; None: the chat template's own
     chat_template: Optional[str] = None  # a Jinja chat template, for an LM whose tokenizer has none
     max_answer_tokens: int = 40  # answers (captions) are cut to this many tokens in training
+    feature_noise: float = 0.0  # pooled: std of Gaussian noise on each feature in training (renormalised), as
+    # CapDec: a regulariser on small data (benchmarks/vlm.py: 0.04 helped the teacher, not a swapped student)
     init_adapter: Optional[str] = None  # start from a saved adapter (a teacher's, tuned briefly on its student's tower)
     lm_lora: int = 0  # LoRA rank on the LM's attention projections (peft); 0: the LM stays frozen
     lm_lora_alpha: float = 16.0

@@ -33,9 +33,10 @@ class AdapterStep(nn.Module):
     """One step of adapter training: the rows' features from the table, the caption loss of the VLM. Its
     state (checkpoints) is the trained part only: the frozen LM is not written 500 MB at a time."""
 
-    def __init__(self, model: VisionLanguageModel, table: FrozenTable):
+    def __init__(self, model: VisionLanguageModel, table: FrozenTable, noise: float = 0.0):
         super().__init__()
         self.model = model
+        self.noise = noise if model.projector.features == "pooled" else 0.0
         self._table = table  # a plain attribute: no state, never broadcast
         self._saved = ["model." + n for n in model.trainable_names()]
         if not self._saved:
@@ -48,6 +49,8 @@ class AdapterStep(nn.Module):
         """(summed cross-entropy of this process's answer tokens, their count): no collective."""
         t = self._table
         feats = t.values[torch.tensor([t.rows[i] for i in batch["index"].tolist()])]
+        if self.noise and self.training:
+            feats = torch.nn.functional.normalize(feats + self.noise * torch.randn_like(feats), dim=-1)
         return self.model.loss(feats, batch["captions"], reduction="sum")
 
     def loss_of(self, parts: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -214,7 +217,7 @@ class AdapterTrainer:
             raise DataError(f"{pipe.train.source or 'the data'}: no photo of its {len(bad)} rows could be read (row "
                             f"{first + 1}: {pipe.train.images[first]}: {bad[first]}); `distill data check` lists them")
         pipe.with_dataset(TableRows(pipe.train, bad), make_collate({}))
-        loop.modules, loop.make_loader = AdapterStep(model, table), pipe.make_loader
+        loop.modules, loop.make_loader = AdapterStep(model, table, r.vlm.feature_noise), pipe.make_loader
         history, steps = loop.run()
         out = Path(r.train.output_dir) / "adapter"
         if loop.is_main:
