@@ -79,11 +79,18 @@ def read_tables(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[int
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("key") != key:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        return load_tensors(path), {int(i): why for i, why in json.loads(meta.get("bad", "{}")).items()}
+    except Exception as e:  # noqa: BLE001 - a damaged store is only a cache: computed again
+        import logging
+
+        logging.getLogger(__name__).warning("%s cannot be read (%s: %s): computing its tables again", path,
+                                            type(e).__name__, str(e)[:100])
         return None
-    return load_tensors(path), {int(i): why for i, why in json.loads(meta.get("bad", "{}")).items()}
 
 
 def write_tables(path: Path, key: str, tensors: dict[str, torch.Tensor], bad: dict[int, str]) -> None:

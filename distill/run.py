@@ -47,6 +47,8 @@ _NOT_RUN_FIELDS = {
               "dist_timeout"),
     "data": ("train", "num_workers"),
     "cache": ("dir", "allow_stale"),
+    # where the tower, the LM and a starting adapter lie: their identities (weights digests) are the run's
+    "vlm": ("tower", "lm", "gguf_file", "init_adapter"),
 }
 RUN_FILES = ("log.jsonl", "health.jsonl", "skipped.jsonl", "run.json")
 # what a run writes in its output folder (and train.overwrite deletes): no input may live there

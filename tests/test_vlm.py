@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_student
-from distill.errors import DataError, ModelError
+from distill.errors import DataError, ModelError, RecipeError
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou describe photos.<|im_end|>\n' }}{% endif %}"
@@ -412,3 +412,71 @@ def test_two_processes_train_the_adapter_one_process_does(parts, tmp_path):
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_damaged_adapters_photos_and_options_are_one_line_each(parts, tmp_path, capsys):
+    import shutil
+
+    from distill.cli import main
+    from distill.vlm import AdapterTrainer
+
+    result = _fit(parts, tmp_path / "run", 2)
+    # the config names no path of this machine, not even in how it was made
+    text = (result.model_dir / "adapter_config.json").read_text()
+    assert str(tmp_path.parent) not in text and parts["lm"] not in text
+    cases = {"not json": '{"format": "clip-distill-adapter/1", "vision": ',
+             "no projector": '{"format": "clip-distill-adapter/1"}', "a list": "[1, 2]"}
+    for name, content in cases.items():
+        bad = tmp_path / name.replace(" ", "_")
+        shutil.copytree(result.model_dir, bad)
+        (bad / "adapter_config.json").write_text(content)
+        assert main(["caption", str(bad), parts["test"]]) == 2, name
+        assert "adapter_config.json" in capsys.readouterr().err, name
+    wrong = tmp_path / "wrong_weights"
+    shutil.copytree(result.model_dir, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    cfg["projector"]["hidden"] = 99
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["caption", str(wrong), parts["test"]]) == 2
+    assert "do not match" in capsys.readouterr().err
+    # sampling options out of range, no photo at all, no readable photo
+    assert_exit = pytest.raises(SystemExit)
+    with assert_exit:
+        main(["caption", str(result.output_dir), parts["test"], "--sample", "--temperature", "0"])
+    assert "must be > 0" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["caption", str(result.output_dir), str(tmp_path / "empty")]) == 2
+    assert "no photos found" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    assert main(["caption", str(result.output_dir), str(tmp_path / "broken.png")]) == 2
+    assert "no photo of the 1 given could be read" in capsys.readouterr().err
+    # LoRA on layers the LM does not have; a starting adapter with other LoRA than the recipe's
+    with pytest.raises(RecipeError, match=r"vlm.lm_lora_targets: \['nope_proj'\] name no layer .*q_proj"):
+        _fit(parts, tmp_path / "lora_bad", 2, lm_lora=2, lm_lora_targets=["nope_proj"])
+    lora = _fit(parts, tmp_path / "lora", 2, lm_lora=2)
+    with pytest.raises(ModelError, match="vlm.init_adapter: .*has LoRA .*rank.*, the recipe asks for none"):
+        AdapterTrainer(parts["tower"], parts["lm"], output_dir=str(tmp_path / "from_lora"), max_steps=1,
+                       init_adapter=str(lora.output_dir), **FAST).fit(parts["train"])
+
+
+def test_a_damaged_feature_store_is_computed_again_and_a_moved_lm_resumes(parts, tmp_path):
+    import shutil
+
+    first = _fit(parts, tmp_path / "run", 2, checkpoint_every=2)
+    store = tmp_path / "run" / "features" / "vlm.safetensors"
+    store.write_bytes(store.read_bytes()[:50])  # truncated
+    moved = tmp_path / "lm_moved"
+    shutil.copytree(parts["lm"], moved)
+    resumed = _fit({**parts, "lm": str(moved)}, tmp_path / "run", 4, checkpoint_every=2, resume=True)
+    assert resumed.steps == 4 and resumed.history["loss"][:2] == first.history["loss"]
+
+
+def test_special_tokens_in_a_caption_are_plain_text(parts):
+    from distill.vlm import ChatPrompt, load_lm
+
+    _, tok = load_lm(parts["lm"])
+    chat = ChatPrompt.build(tok, "Describe it.")
+    ids, mask = chat.answer_ids(tok, ["a sign saying <|im_end|> and <|im_start|>system"], 64)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    row = ids[0][mask[0] == 1].tolist()
+    assert row[-1] == end and end not in row[:-1]  # only the real end of the turn

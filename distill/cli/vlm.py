@@ -33,12 +33,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--prompt", help="another question than the one the adapter was trained with")
     c.add_argument("--max-new-tokens", type=count(1, 4096), default=40)
     c.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--temperature", type=_above_zero, default=0.7, help="with --sample (> 0)")
+    c.add_argument("--top-p", type=_share, default=0.9, help="with --sample, in (0, 1]")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=count(1, 4096), default=16)
     c.add_argument("--json", action="store_true", help="print one JSON object per photo")
     c.set_defaults(run=run_caption)
+
+
+def _above_zero(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0 (drop --sample for greedy decoding)")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
 
 
 def run_adapt(args: argparse.Namespace) -> int:
@@ -53,19 +67,15 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..vlm import caption_images, load_vlm
 
-    folder = Path(args.adapter)
-    if not (folder / "adapter_config.json").exists() and (folder / "adapter" / "adapter_config.json").exists():
-        folder = folder / "adapter"
-    vlm = load_vlm(folder, lm_name=args.lm)
+    vlm = load_vlm(args.adapter, lm_name=args.lm)
     out = caption_images(vlm, args.photos, tower=args.tower, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                          sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                          batch_size=args.batch_size, seed=args.seed)
     for path, text in zip(out.paths, out.captions):
-        print(json.dumps({"photo": path, "caption": text}, ensure_ascii=False) if args.json else f"{path}\t{text}")
+        print(json.dumps({"photo": path, "caption": text}, ensure_ascii=False) if args.json else
+              f"{path}\t{' '.join(text.split())}")  # one line per photo
     for path, why in out.skipped.items():
         print(f"skipped {path}: {why}", file=sys.stderr)
     return 0

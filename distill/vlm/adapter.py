@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..io import load_tensors, save_tensors, write_json
 
 FORMAT = "clip-distill-adapter/1"
 CONFIG = "adapter_config.json"
@@ -94,24 +94,39 @@ def save_adapter(folder: str | os.PathLike, projector: Projector, config: dict[s
     return folder
 
 
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """The adapter a path names: the folder itself, or a run folder's ``adapter/``."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not (folder / CONFIG).is_file() and (folder / "adapter" / CONFIG).is_file():
+        return folder / "adapter"
+    return folder
+
+
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], Projector, dict[str, torch.Tensor]]:
-    """(config, projector with its weights, LoRA tensors of the LM) of a saved adapter; no LM or tower is
-    loaded."""
-    folder = Path(os.path.expanduser(str(folder)))
-    cfg_file = folder / CONFIG
-    if not cfg_file.is_file():
-        raise ModelError(f"{folder}: not an adapter folder (no {CONFIG}; `distill adapt` writes one in "
-                         "<output_dir>/adapter)")
-    cfg = read_json(cfg_file)
-    if cfg.get("format") != FORMAT:
-        raise ModelError(f"{cfg_file}: format {cfg.get('format')!r} is not {FORMAT!r}")
-    spec = cfg["projector"]
-    projector = Projector(spec["features"], spec["width"], spec["lm_width"], spec["hidden"], spec["prefix_tokens"],
-                          spec["merge"])
+    """(config, projector with its weights, LoRA tensors of the LM) of a saved adapter (or a run folder's);
+    no LM or tower is loaded. A damaged or foreign folder is one line naming the file and what is wrong."""
+    from ..io import read_format_json
+
+    folder = adapter_folder(folder)
+    cfg = read_format_json(folder / CONFIG, FORMAT, "`distill adapt` writes an adapter in <output_dir>/adapter")
+    try:
+        spec = cfg["projector"]
+        projector = Projector(spec["features"], int(spec["width"]), int(spec["lm_width"]), int(spec["hidden"]),
+                              int(spec["prefix_tokens"]), int(spec["merge"]))
+        for part in ("vision", "lm", "prompt"):
+            if not isinstance(cfg[part], dict):
+                raise TypeError(f"{part} is not a mapping")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{folder / CONFIG}: damaged or incomplete ({type(e).__name__}: {e}); train or copy the "
+                         "adapter again") from None
     tensors = load_tensors(folder / WEIGHTS)
-    projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    try:
+        projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    except RuntimeError as e:
+        raise ModelError(f"{folder / WEIGHTS}: its weights do not match {CONFIG}'s projector "
+                         f"({str(e).splitlines()[-1].strip()}); train or copy the adapter again") from None
     return cfg, projector, {k[len("lm."):]: v for k, v in tensors.items() if k.startswith("lm.")}
 
 
-__all__ = ["Projector", "pixel_shuffle", "check_lm", "save_adapter", "read_adapter", "portable", "resolve",
-           "FORMAT"]
+__all__ = ["Projector", "pixel_shuffle", "check_lm", "save_adapter", "read_adapter", "adapter_folder", "portable",
+           "resolve", "FORMAT"]

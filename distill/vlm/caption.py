@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data import Rows
+from ..errors import DataError
 from ..features import image_table
 from .lm import ChatPrompt
 from .model import VisionLanguageModel
@@ -71,9 +72,23 @@ def caption_images(vlm: VisionLanguageModel, images: Sequence[str] | str, tower:
 
                 raise ModelError("--tower: the adapter names no tower folder; pass the tower to look through")
         if not isinstance(tower, VisionTower):
+            if not os.path.exists(os.path.expanduser(str(tower))):
+                from ..errors import ModelError
+
+                named = "the tower the adapter's config names (vision.path)" if tower == vlm.vision.get("path") else \
+                    "the tower"
+                raise ModelError(f"--tower: {named} is not at {tower}; pass the tower to look through (--tower, or "
+                                 "caption_images(..., tower=...))")
             tower = VisionTower.load(tower, vlm.vision.get("features", "pooled"))
         check_tower(vlm.vision, tower.identity())
-        paths, features, skipped = tower_features(tower, photo_paths(images), progress=progress)
+        found = photo_paths(images)
+        if not found:
+            raise DataError(f"{images if isinstance(images, (str, os.PathLike)) else 'the photos given'}: no photos "
+                            f"found (files ending in {', '.join(IMAGE_EXTS)}, folders of them, or a data file)")
+        paths, features, skipped = tower_features(tower, found, progress=progress)
+        if not paths:
+            first = next(iter(skipped.items()))
+            raise DataError(f"no photo of the {len(skipped)} given could be read ({first[0]}: {first[1]})")
     else:
         paths, skipped = list(images), {}
     chat = vlm.chat

@@ -41,6 +41,10 @@ def load_lm(name: str, gguf_file: str | None = None, chat_template: str | None =
         from .._imports import require
 
         require("gguf", "reading a GGUF language model")
+    elif not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~")) or
+                                         source.count("/") > 1):
+        raise ModelError(f"vlm.lm: {source}: no such folder or file (a local LM folder, a .gguf file, or a hub name "
+                         "like HuggingFaceTB/SmolLM2-135M-Instruct)")
     elif os.path.isdir(source):
         files = set(os.listdir(source))
         if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
@@ -127,7 +131,7 @@ class ChatPrompt:
 
     def answer_ids(self, tokenizer: Any, answers: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Answers as ids closed by ``end``, cut to ``max_tokens`` (end included), right-padded: (ids, mask)."""
-        enc = tokenizer([a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+        enc = _plain_ids(tokenizer, [a.strip() for a in answers])
         rows = [(e[:max(1, max_tokens - len(self.end))] + self.end) for e in enc]
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -137,6 +141,15 @@ class ChatPrompt:
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
         return ids, mask
+
+
+def _plain_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of texts read as plain text: a caption that contains ``<|im_end|>`` or ``</s>`` must not teach
+    the model to end its turn there."""
+    try:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    except TypeError:  # a tokenizer without the option
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 __all__ = ["load_lm", "lm_identity", "ChatPrompt", "split_lm_path", "IMAGE_MARK"]

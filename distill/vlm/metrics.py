@@ -19,11 +19,17 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
+def _check(name: str, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"{name}: one list of references per candidate, and at least one candidate")
+    if any(isinstance(r, str) or not all(isinstance(x, str) for x in r) for r in references):
+        raise TypeError(f"{name}: references[i] is a list of reference strings (one list per candidate)")
+
+
 def cider(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0) -> float:
     """CIDEr-D of ``candidates[i]`` against ``references[i]`` (several per image), averaged over images; the
     document frequencies come from these references (as the COCO evaluation computes them)."""
-    if len(candidates) != len(references) or not candidates:
-        raise ValueError("cider: one list of references per candidate, and at least one candidate")
+    _check("cider", candidates, references)
     refs = [[[_ngrams(words(r), k) for k in range(1, n + 1)] for r in rs] for rs in references]
     df: Counter = Counter()
     for rs in refs:
@@ -56,8 +62,7 @@ def cider(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int
 def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU-4: clipped n-gram precisions (n = 1..4) pooled over every caption, geometric mean, brevity
     penalty against the reference length closest to each candidate's."""
-    if len(candidates) != len(references) or not candidates:
-        raise ValueError("bleu4: one list of references per candidate, and at least one candidate")
+    _check("bleu4", candidates, references)
     hits, totals = [0] * 4, [0] * 4
     cand_len = ref_len = 0
     for cand, rs in zip(candidates, references):

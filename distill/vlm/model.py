@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..progress import progress
-from .adapter import Projector, check_lm, read_adapter, resolve, save_adapter, portable
+from .adapter import Projector, adapter_folder, check_lm, portable, read_adapter, resolve, save_adapter
 from .lm import ChatPrompt, lm_identity
 
 IGNORE = -100  # a label that carries no loss (prompt and image positions)
@@ -44,8 +44,15 @@ class VisionLanguageModel(nn.Module):
         from .._imports import require
 
         peft = require("peft", "LoRA on the language model (vlm.lm_lora)")
+        targets = list(self.lora.get("targets") or ["q_proj", "v_proj"])
         cfg = peft.LoraConfig(r=int(self.lora["rank"]), lora_alpha=float(self.lora.get("alpha", 16.0)),
-                              target_modules=list(self.lora.get("targets") or ["q_proj", "v_proj"]), lora_dropout=0.0)
+                              target_modules=targets, lora_dropout=0.0)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if isinstance(m, nn.Linear)})
+        if not set(targets) & set(linear):
+            from ..errors import RecipeError
+
+            raise RecipeError(f"vlm.lm_lora_targets: {targets} name no layer of the language model (its linear "
+                              f"layers: {', '.join(linear)})")
         self.lm = peft.get_peft_model(self.lm, cfg)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -214,7 +221,7 @@ def load_vlm(adapter: str | os.PathLike, lm: Any = None, tokenizer: Any = None, 
     refused, naming the field. The tower is checked where features are made (``caption_images``)."""
     from .lm import load_lm
 
-    folder = Path(os.path.expanduser(str(adapter)))
+    folder = adapter_folder(adapter)
     cfg, projector, lora_state = read_adapter(folder)
     src = cfg["lm"]
     if lm is None:
@@ -222,8 +229,9 @@ def load_vlm(adapter: str | os.PathLike, lm: Any = None, tokenizer: Any = None, 
         try:
             lm, tokenizer = load_lm(name, gguf_file if lm_name else src.get("gguf_file"), src.get("chat_template"))
         except ModelError as e:
-            raise ModelError(f"{folder}: the language model it names cannot be loaded ({e}); pass it (--lm, or "
-                             "load_vlm(..., lm_name=...))") from None
+            said = f"the language model {name}" if lm_name else f"the language model its config names ({name})"
+            raise ModelError(f"{folder}: {said} cannot be loaded ({str(e).removeprefix('vlm.lm: ')}); pass the LM "
+                             "it was trained with (--lm, or load_vlm(..., lm_name=...))") from None
         src = {**src, "lm": name}
     check_lm(cfg["lm"], lm_identity(lm, src.get("name")))
     vision = dict(cfg["vision"])

@@ -101,10 +101,15 @@ class AdapterTrainer:
         elif tower.features != v.features:
             tower.features = v.features
         self.tower = tower
+        # where the LM comes from, for the adapter's config (an object given: where load_lm read it, if it did)
+        self.lm_source = {"lm": v.lm, "gguf_file": v.gguf_file, "chat_template": v.chat_template}
         if lm is None:
             lm, tokenizer = load_lm(v.lm, v.gguf_file, v.chat_template)
         elif tokenizer is None:
             raise RecipeError("vlm.lm: an LM object needs its tokenizer (AdapterTrainer(tower, lm, tokenizer))")
+        else:
+            self.lm_source = {"lm": str(getattr(lm, "name_or_path", "") or v.lm), "gguf_file": None,
+                              "chat_template": v.chat_template}
         self.lm, self.tokenizer = lm, tokenizer
 
     def _device(self) -> torch.device:
@@ -117,9 +122,9 @@ class AdapterTrainer:
         projector = Projector(v.features, width, int(self.lm.config.hidden_size), v.projector_hidden,
                               v.prefix_tokens, v.merge)
         vision = {**self.tower.identity(), "path": str(self.tower.folder) if self.tower.folder else None}
-        lora = {"rank": v.lm_lora, "alpha": v.lm_lora_alpha, "targets": list(v.lm_lora_targets)} if v.lm_lora else None
-        src = {"lm": v.lm, "gguf_file": v.gguf_file, "chat_template": v.chat_template}
-        model = VisionLanguageModel(projector, self.lm, self.tokenizer, v.prompt, v.system, vision, src,
+        lora = {"rank": v.lm_lora, "alpha": v.lm_lora_alpha,
+                "targets": list(v.lm_lora_targets) or ["q_proj", "v_proj"]} if v.lm_lora else None
+        model = VisionLanguageModel(projector, self.lm, self.tokenizer, v.prompt, v.system, vision, self.lm_source,
                                     v.max_answer_tokens, lora)
         if v.init_adapter:
             self._start_from(model, v.init_adapter)
@@ -128,7 +133,7 @@ class AdapterTrainer:
     def _start_from(self, model: VisionLanguageModel, folder: str) -> None:
         """``vlm.init_adapter``: a saved adapter's weights as the starting point (its tower must be readable as
         this one: the same space for pooled features; its LM the same)."""
-        from ..errors import ModelError
+        from ..errors import DistillError, ModelError
         from .adapter import check_lm, read_adapter
         from .lm import lm_identity
         from .tower import check_tower
@@ -137,11 +142,16 @@ class AdapterTrainer:
             cfg, projector, lora = read_adapter(folder)
             check_tower(cfg["vision"], model.vision)
             check_lm(cfg["lm"], lm_identity(self.lm))
-        except ModelError as e:
-            raise ModelError(f"vlm.init_adapter: {folder}: {e}") from None
+        except DistillError as e:
+            raise ModelError(f"vlm.init_adapter: {e}") from None
         if projector.spec() != model.projector.spec():
             raise ModelError(f"vlm.init_adapter: {folder} has another projector ({projector.spec()}) than the recipe "
                              f"asks for ({model.projector.spec()}); set vlm.prefix_tokens / projector_hidden to its")
+        theirs, mine = cfg.get("lora") or {}, model.lora or {}
+        if (theirs.get("rank"), sorted(theirs.get("targets") or [])) != (mine.get("rank"),
+                                                                          sorted(mine.get("targets") or [])):
+            raise ModelError(f"vlm.init_adapter: {folder} has LoRA {theirs or 'none'}, the recipe asks for "
+                             f"{mine or 'none'}; set vlm.lm_lora / vlm.lm_lora_targets to its")
         model.projector.load_state_dict(projector.state_dict())
         model.load_lora_state(lora)
 
@@ -203,10 +213,15 @@ class AdapterTrainer:
         check_output_dir(Path(r.train.output_dir), inputs, r.train.overwrite)
         pipe = build_pipeline(rows, r, None)
         model = self._model()
-        # what the tower and the LM are, not where they lie
-        vision = {k: v for k, v in model.vision.items() if k != "path"}
-        lm = {k: v for k, v in model.config(Path(r.train.output_dir))["lm"].items() if k != "lm"}
+        # what the tower, the LM and a starting adapter are, not where they lie or what they are called
+        vision = {k: v for k, v in model.vision.items() if k not in ("path", "name")}
+        lm = {k: v for k, v in model.config(Path(r.train.output_dir))["lm"].items() if k not in ("lm", "name")}
         run = run_identity(r, vision=vision, lm=lm, data=pipe.fingerprint)
+        if r.vlm.init_adapter:
+            from ..teachers.base import file_hash
+            from .adapter import WEIGHTS, adapter_folder
+
+            run["init_adapter"] = file_hash(adapter_folder(r.vlm.init_adapter) / WEIGHTS)
         loop = TrainLoop(r, None, pipe.make_loader, run=run, rows=pipe.train, inputs=inputs)
         loop.claim()
         loop.skips = pipe.skip_log(Path(r.train.output_dir) / "skipped.jsonl", write=dist.is_main(),
