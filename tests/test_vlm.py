@@ -100,6 +100,13 @@ def test_the_answer_tokens_carry_the_loss_and_it_falls(parts, tmp_path):
         whole, n2 = vlm.loss(feats, answers, reuse_prefix=False)
     assert vlm._can_reuse_prefix() and n == n2 == int(mask.sum())
     assert torch.allclose(reused, whole, atol=1e-5), (reused, whole)
+    # in a training step the frozen LM stays in eval mode (no dropout), the projector trains
+    from distill.features import FrozenTable
+    from distill.vlm import AdapterStep
+
+    step = AdapterStep(vlm, FrozenTable({0: 0}, torch.randn(1, 32))).train()
+    loss, terms = step({"index": torch.tensor([0]), "captions": ["a red circle"]})
+    assert not vlm.lm.training and vlm.projector.training and terms["answer_tokens"] > 0
     # only the projector trained: the LM's weights are the ones in its folder
     from transformers import AutoModelForCausalLM
 

@@ -47,6 +47,7 @@ class AdapterStep(nn.Module):
 
     def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """(summed cross-entropy of this process's answer tokens, their count): no collective."""
+        self.model.lm.eval()  # frozen (LoRA aside): no dropout, as in a locked tower
         t = self._table
         feats = t.values[torch.tensor([t.rows[i] for i in batch["index"].tolist()])]
         if self.noise and self.training:
