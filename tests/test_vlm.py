@@ -453,7 +453,7 @@ def test_damaged_adapters_photos_and_options_are_one_line_each(parts, tmp_path, 
     assert "must be > 0" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["caption", str(result.output_dir), str(tmp_path / "empty")]) == 2
-    assert "no photos found" in capsys.readouterr().err
+    assert "no photos in it or its subfolders" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"nope")
     assert main(["caption", str(result.output_dir), str(tmp_path / "broken.png")]) == 2
     assert "no photo of the 1 given could be read" in capsys.readouterr().err

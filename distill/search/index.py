@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import DataError, PhotoIndexError
+from ..data import photo_paths
+from ..errors import PhotoIndexError
 from ..io import atomic_write, json_object, write_json
 
 log = logging.getLogger(__name__)
@@ -236,31 +237,6 @@ def _save_vectors(index: PhotoIndex, vectors: Any, gen: int) -> None:
 
 
 # -- building ---------------------------------------------------------------------------------------
-def photo_paths(source: Any) -> list[str]:
-    """The photos of ``source``: a folder (searched recursively, hidden folders skipped), or any data source
-    ``load_rows`` reads (its distinct images, in order)."""
-    from ..data import load_rows
-    from ..data.sources.folder import image_files
-
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(str(source))):
-        folder = Path(os.path.abspath(os.path.expanduser(str(source))))
-        if not (folder / "metadata.jsonl").exists() and not (folder / "metadata.csv").exists():
-            files = image_files(folder)
-            if not files:
-                raise DataError(f"{folder}: no photos in it or its subfolders ({', '.join(_exts())})")
-            return files
-    rows = load_rows(source) if isinstance(source, (str, os.PathLike)) else source
-    if not rows.has_images:
-        raise DataError(f"{getattr(rows, 'source', source)}: it has no images to index")
-    return list(dict.fromkeys(p for p in rows.images if p))
-
-
-def _exts() -> tuple[str, ...]:
-    from ..data import IMAGE_EXTS
-
-    return IMAGE_EXTS
-
-
 def index_photos(source: Any, out: str | os.PathLike, model: str | os.PathLike | Any, batch_size: int = 32,
                  workers: int = 4, progress: bool = True, device: str = "cpu") -> IndexSummary:
     """Index the photos of ``source`` into the folder ``out`` with ``model`` (a model folder or an

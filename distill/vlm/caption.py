@@ -8,14 +8,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import Rows
-from ..errors import DataError
+from ..data import IMAGE_EXTS, Rows
+from ..errors import DataError, ModelError
 from ..features import image_table
 from .lm import ChatPrompt
 from .model import VisionLanguageModel
 from .tower import VisionTower, check_tower
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -28,19 +27,14 @@ class Captions:
 
 
 def photo_paths(items: Sequence[str] | str) -> list[str]:
-    """Image paths from files, folders (recursive, sorted) or a data file (``load_rows``'s formats)."""
+    """Image paths from photo files, folders (recursive) or data files: each folder or data file read as
+    ``distill.data.photo_paths`` reads it (``distill index`` reads its source the same way)."""
+    from ..data import photo_paths as photos_of
+
     out: list[str] = []
     for item in [items] if isinstance(items, (str, os.PathLike)) else items:
-        item = os.path.expanduser(str(item))
-        if os.path.isdir(item):
-            out += sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
-                          if f.lower().endswith(IMAGE_EXTS))
-        elif item.lower().endswith(IMAGE_EXTS):
-            out.append(item)
-        else:
-            from ..data import load_rows
-
-            out += [p for p in dict.fromkeys(load_rows(item).images) if p]
+        path = os.path.expanduser(str(item))
+        out += [path] if path.lower().endswith(IMAGE_EXTS) and not os.path.isdir(path) else photos_of(path)
     return out
 
 
@@ -68,13 +62,9 @@ def caption_images(vlm: VisionLanguageModel, images: Sequence[str] | str, tower:
         if tower is None:
             tower = vlm.vision.get("path")
             if not tower:
-                from ..errors import ModelError
-
                 raise ModelError("--tower: the adapter names no tower folder; pass the tower to look through")
         if not isinstance(tower, VisionTower):
             if not os.path.exists(os.path.expanduser(str(tower))):
-                from ..errors import ModelError
-
                 named = "the tower the adapter's config names (vision.path)" if tower == vlm.vision.get("path") else \
                     "the tower"
                 raise ModelError(f"--tower: {named} is not at {tower}; pass the tower to look through (--tower, or "

@@ -40,5 +40,24 @@ def as_rows(data: Any, **kwargs: Any) -> Rows:
     return data if isinstance(data, Rows) else load_rows(data, **kwargs)
 
 
-__all__ = ["load_rows", "as_rows", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
+def photo_paths(source: Any) -> list[str]:
+    """The photos of ``source``: a folder (searched recursively, hidden folders skipped), or any data source
+    ``load_rows`` reads (its distinct images, in order)."""
+    from ..images import IMAGE_EXTS
+    from .folder import image_files
+
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(str(source))):
+        folder = Path(os.path.abspath(os.path.expanduser(str(source))))
+        if not (folder / "metadata.jsonl").exists() and not (folder / "metadata.csv").exists():
+            files = image_files(folder)
+            if not files:
+                raise DataError(f"{folder}: no photos in it or its subfolders ({', '.join(IMAGE_EXTS)})")
+            return files
+    rows = load_rows(source) if isinstance(source, (str, os.PathLike)) else source
+    if not rows.has_images:
+        raise DataError(f"{getattr(rows, 'source', source)}: it has no images")
+    return list(dict.fromkeys(p for p in rows.images if p))
+
+
+__all__ = ["load_rows", "as_rows", "photo_paths", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
            "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS"]
