@@ -1,24 +1,30 @@
-"""Text students for captions the teacher cannot read (issue 17): one student for English and other languages.
+"""Text students for captions the teacher cannot read (issues 17, 28): one student for English and other languages.
 
 The teacher is the English MiniLM-L6 (``text:minilm``). The student starts from MiniLM's blocks 0-3 and its last
-(``student.kwargs.keep_layers``), with its vocabulary grown by a tokenizer trained on the other languages (``distill tokenizer train`` +
-``student.kwargs.extend_vocab``), and learns parallel sentences: its embedding of each ``xx`` sentence and
-of the ``en`` one regress (cosine) and contrast onto the teacher's embedding of the ``en`` sentence
-(multilingual knowledge distillation). A second student starts from scratch on a tokenizer trained on the
-captions. Evaluation: a caption in language xx of a flickr1k photo queries the 5,000 English captions (a hit
-when the caption it retrieves belongs to that photo), and English caption->caption R@1 stays in view. With the
-photo teacher of ``quality_real.py`` (EfficientNet-Lite0 + MiniLM, heads tuned), captions in each language also
-query the 200 photos it held out, the students through its text head. Batches group sentences by length.
+(``student.kwargs.keep_layers``), with its vocabulary grown by a tokenizer trained on the other languages
+(``distill tokenizer train`` + ``student.kwargs.extend_vocab``) and each non-ASCII piece started at the English
+pieces it translates to in the parallel text (``student.kwargs.align_vocab``). It learns parallel sentences: its
+embedding of each ``xx`` sentence and of the ``en`` one regress (cosine) and contrast onto the teacher's
+embedding of the ``en`` sentence (multilingual knowledge distillation). With the default languages it also
+learns each language's own captions of the photos the photo teacher trained on, beside the English captions of
+the same photos (``distill data pair``; ``--no-by-photo`` leaves them out). A second student starts from
+scratch on a tokenizer trained on the captions. Evaluation: a caption in language xx queries the 5,000 English
+captions (a hit when the caption it retrieves belongs to its photo; with the photo pairs, only the captions of
+the held-out photos query), and English caption->caption R@1 stays in view. With the photo teacher of
+``quality_real.py`` (EfficientNet-Lite0 + MiniLM, heads tuned), captions in each language also query the 200
+photos it held out, the students through its text head. Batches group sentences by length.
 
-    python benchmarks/multilingual.py --quick                     # 2 CPU cores, < 30 min: German and French
-    python benchmarks/multilingual.py --quick --small             # the student at most half of MiniLM's size:
-        # its vocabulary trimmed to the parallel text's tokens, its FFN narrowed (student.kwargs.trim_vocab,
-        # intermediate_size; benchmarks/text_students.py --compression)
+    python benchmarks/multilingual.py --quick                     # 2 CPU cores, < 35 min: de, fr and zh
+        # the student at most 0.55 of MiniLM's size: its vocabulary trimmed to the training text's tokens,
+        # its FFN narrowed (student.kwargs.trim_vocab, intermediate_size); --no-small keeps full width
     python benchmarks/multilingual.py --parallel my.csv --lang vi --eval flickr1k-vi.csv --out results/vi
         # any language: my.csv has columns en and vi; flickr1k-vi.csv is image,caption over flickr1k photos
+    python benchmarks/multilingual.py --quick --captions flickr1k-zh.csv --lang zh
+        # captions only: no English, no parallel text; the photos are the dictionary
 
-Writes ``<out>/multilingual[_quick]_<device>.json`` with ``languages: {xx: {student_r1, student_r5, teacher_r1,
-teacher_r5}}``, ``english: {student_r1, teacher_r1}`` and ``photos: {languages: {xx: {teacher_t2i_r1, ...}}}``.
+Writes ``<out>/multilingual[_quick][_small]_<device>.json`` with ``languages: {xx: {student_r1, student_r5,
+teacher_r1, teacher_r5}}``, ``english: {student_r1, teacher_r1}``, ``photos: {languages: {xx: {teacher_t2i_r1,
+...}}}`` and ``tokenizers``; ``--captions``: ``multilingual_captions_<xx>[_quick]_<device>.json``.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ PHOTO_TEACHER = REPO / "runs" / "quality_real_quick" / "teacher" / "model"
 # layers: the blocks of MiniLM-L6 the student keeps (the last one too: before any training, blocks
 # [0, 1, 2, 3, 5] retrieve English captions at R@1 0.618, the first five at 0.484)
 MODES = {
-    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 2800, "batch": 64, "lr": 2e-4, "context": 40,
+    "quick": {"layers": [0, 1, 2, 3, 5], "vocab": 8000, "steps": 4000, "batch": 64, "lr": 2e-4, "context": 40,
               "scratch_steps": 700, "scratch_batch": 64, "scratch_lr": 5e-4, "scratch_vocab": 12000, "queue": 1024,
               "captions_steps": 1500, "captions_lr": 2e-4},
     "full": {"layers": [0, 1, 2, 3, 5], "vocab": 12000, "steps": 20000, "batch": 256, "lr": 2e-4, "context": 64,
@@ -62,26 +68,41 @@ SMALL = {"trim_vocab": True, "min_token_count": 2, "intermediate_size": 768}
 LANGUAGES = {"de": ("multi30k/parallel-train.csv", "multi30k/flickr1k-de.csv"),
              "fr": ("multi30k/parallel-train.csv", "multi30k/flickr1k-fr.csv"),
              "zh": ("flickr8k-cn/parallel-train.csv", "flickr8k-cn/flickr1k-zh.csv")}
+# text written in a language by its speakers, for the tokenizer table's [UNK] share (never trained on)
+CORPORA = {"zh": "flickr8k-cn/captions-zh.csv"}
 
 
-def merge_parallel(files: list[Path], out: Path, limit: int | None = None) -> Path:
-    """Several parallel files (each with an en column) as one csv over the union of their columns: a row
-    leaves the languages its file lacks empty (empty cells are not trained on)."""
+def merge_parallel(files: list[Path], out: Path, limit: int | None = None, extra: list[dict] = ()) -> Path:
+    """Several parallel files (each with an en column) and ``extra`` rows as one csv over the union of their
+    columns: a row leaves the languages its file lacks empty (empty cells are not trained on)."""
     import csv
 
-    tables = []
+    from distill.data import write_parallel
+
+    table: list[dict] = []
     for f in files:
         with open(f, encoding="utf-8-sig", newline="") as fh:
-            tables.append(list(csv.DictReader(fh))[:limit])
-    columns = list(dict.fromkeys(c for t in tables for c in (t[0] if t else {})))
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        for t in tables:
-            w.writerows(t)
-    tmp.replace(out)
-    return out
+            table += list(csv.DictReader(fh))[:limit]
+    return write_parallel(table + list(extra), out)
+
+
+def photo_pairs(english, queries: dict) -> tuple[list[dict], dict]:
+    """Captions in each language of the photos the photo teacher trained on (not the ones it held out), each
+    beside the English captions of the same photo (``distill.data.pair_by_image``): native text, where the
+    parallel files are translations. Returns those rows, and each language's queries cut to the held-out photos."""
+    from quality_real import flickr_split
+
+    from distill.data import pair_by_image
+
+    _, held = flickr_split(ASSETS)
+    held_photos = {os.path.realpath(p) for p in held.images}
+
+    def part(rows, keep_held: bool):
+        return rows.subset([i for i, p in enumerate(rows.images) if p and (os.path.realpath(p) in held_photos)
+                            == keep_held])
+
+    table = pair_by_image(part(english, False), {x: part(q, False) for x, q in queries.items()})
+    return table, {x: part(q, True) for x, q in queries.items()}
 
 
 def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang: str, work: Path, cfg: dict,
@@ -95,7 +116,7 @@ def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang:
     from distill.cache import TeacherService
     from distill.data import load_rows
     from distill.eval import cross_lingual_recall, embed_images, embed_texts
-    from distill.vocab import train_tokenizer
+    from distill.vocab import align_pieces_by_images, set_piece_embeddings, train_tokenizer
 
     key = os.path.realpath
     train = load_rows(train_file)
@@ -119,6 +140,16 @@ def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang:
     # the photo teacher's space, for English at least
     student = create_student("bert_small", embed_dim=384, pretrained="minilm", keep_layers=cfg["layers"],
                              extend_vocab=str(tok_dir), context_length=cfg["context"]).into_space_of(photo, "text")
+    # the photos are the dictionary: each piece English cannot spell starts at the English words nearest the
+    # photos its captions describe, in the photo teacher's space
+    pairs = [(c, key(p)) for p, c in zip(train.images, train.captions) if p and c]
+    train_photos = sorted({p for _, p in pairs})
+    row_of = {p: k for k, p in enumerate(train_photos)}
+    image_emb = embed_images(photo, train_photos)[[row_of[p] for _, p in pairs]]
+    tok = student.text.tokenizer
+    aligned = align_pieces_by_images(tok, [c for c, _ in pairs], image_emb, lambda words: embed_texts(photo, words),
+                                     [i for t, i in tok.get_vocab().items() if not t.isascii()])
+    set_piece_embeddings(student.text.encoder, aligned)
     service = TeacherService(load_teacher(str(photo_dir)), work / "photo_cache", num_workers=2, progress=progress)
     t0 = time.perf_counter()
     r = Distiller(service, student, output_dir=str(work / f"captions_{lang}"), max_steps=cfg["captions_steps"],
@@ -135,13 +166,14 @@ def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang:
     t = cross_lingual_recall(embed_texts(photo, texts), groups, images, photos)
     return {"student_r1": s["r1"], "student_r5": s["r5"], "teacher_r1": t["r1"], "teacher_r5": t["r5"],
             "photos": len(photos), "queries": len(texts), "train_captions": sum(1 for c in train.captions if c),
-            "train_photos": len({p for p in train.images if p}), "train_s": train_s}
+            "train_photos": len({p for p in train.images if p}), "train_s": train_s, "aligned_pieces": len(aligned)}
 
 
-def tokenizer_table(models: dict, queries: dict, res: dict) -> dict:
+def tokenizer_table(models: dict, queries: dict, res: dict, corpora: dict | None = None) -> dict:
     """Per language, each model's tokenizer on that language's test captions: vocabulary size, [UNK] share,
-    tokens per caption, and the model's caption R@1 (MiniLM's own vocabulary: the teacher)."""
-    from distill.vocab import token_counts
+    tokens per caption, and the model's caption R@1 (MiniLM's own vocabulary: the teacher); with a corpus of the
+    language (``corpora``: language -> texts), the [UNK] share on it too."""
+    from distill.vocab import token_counts, unk_share
 
     out: dict = {}
     for lang, rows in queries.items():
@@ -155,6 +187,8 @@ def tokenizer_table(models: dict, queries: dict, res: dict) -> dict:
             out[lang][name] = {"vocab": len(tok), "unk_share": counts.get(tok.unk_token_id, 0) / max(total, 1),
                                "tokens_per_caption": total / max(len(texts), 1),
                                "r1": scores["teacher_r1" if name == "teacher" else "student_r1"]}
+            if corpora and lang in corpora:
+                out[lang][name]["corpus_unk_share"] = unk_share(tok, corpora[lang])
     return out
 
 
@@ -225,6 +259,57 @@ def photo_retrieval(photo_dir: Path, students: dict, queries: dict, english) -> 
     return out
 
 
+def same_length(parallel: list[Path], student, queries: dict, english, teacher, photo_dir: Path | None) -> dict:
+    """What a query that short can say: per language, its queries' mean length in English words (its tokens
+    per English word in the parallel files: translations), and the English teacher's R@1 when the English captions of the
+    same photos, cut to that many words, query the full English captions (their own left out) and, with a
+    photo teacher, its held-out photos. Queries far shorter than the English captions carry less of the photo."""
+    import csv
+
+    from quality_real import flickr_split
+
+    from distill import load_student
+    from distill.eval import cross_lingual_recall, embed_images, embed_texts
+
+    key = os.path.realpath
+    tok = student.text.tokenizer
+    table = []
+    for f in parallel:
+        with open(f, encoding="utf-8-sig", newline="") as fh:
+            table += list(csv.DictReader(fh))
+    gallery = [c for p, c in zip(english.images, english.captions) if p and c]
+    groups = [key(p) for p, c in zip(english.images, english.captions) if p and c]
+    full = embed_texts(teacher, gallery)
+
+    def r1_others(query_emb, own: list[int]) -> float:  # each query against every caption but its own
+        sim = query_emb @ full.T
+        sim[torch.arange(len(own)), torch.tensor(own)] = float("-inf")
+        return sum(groups[t] == groups[k] for t, k in zip(sim.argmax(1).tolist(), own)) / max(len(own), 1)
+
+    photo = load_student(photo_dir).eval() if photo_dir is not None else None
+    held_photos = sorted({key(p) for p in flickr_split(ASSETS)[1].images}) if photo is not None else []
+    images = embed_images(photo, held_photos) if photo is not None else None
+    out = {}
+    for x, rows in queries.items():
+        pairs = [(r[x], r["en"]) for r in table if r.get(x) and r.get("en")]
+        per_word = sum(len(tok.tokenize(a)) for a, _ in pairs) / max(sum(len(b.split()) for _, b in pairs), 1)
+        texts = [c for c in rows.captions if c]
+        words = sum(len(tok.tokenize(c)) for c in texts) / max(len(texts), 1) / max(per_word, 1e-9)
+        n = max(1, round(words))
+        photos = {key(p) for p in rows.images if p}
+        own = [k for k, g in enumerate(groups) if g in photos]
+        cut = [" ".join(gallery[k].split()[:n]) for k in own]
+        out[x] = {"english_words": words, "tokens_per_english_word": per_word, "cut_to": n,
+                  "teacher_r1": r1_others(embed_texts(teacher, cut), own),
+                  "teacher_r1_full_length": r1_others(full[own], own)}
+        keep = [i for i, k in enumerate(own) if groups[k] in set(held_photos)]
+        if photo is not None and keep:
+            r = cross_lingual_recall(embed_texts(photo, [cut[i] for i in keep]), [groups[own[i]] for i in keep],
+                                     images, held_photos)
+            out[x].update({"photo_teacher_t2i_r1": r["r1"], "photo_teacher_t2i_r5": r["r5"]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -246,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
                          "skipped when absent)")
     ap.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                     help=f"shrink the student: vocabulary trimmed, FFN narrowed ({SMALL}); default in --quick")
+    ap.add_argument("--by-photo", action=argparse.BooleanOptionalAction, default=None,
+                    help="also learn each language's --eval captions of the photos the photo teacher trained on, "
+                         "beside the English captions of the same photos (distill data pair), and query with the "
+                         "held-out photos' captions only; default on with the default languages")
     ap.add_argument("--captions", default=None,
                     help="captions-only mode: an image,caption file in language --lang (no English, no parallel "
                          "text): a student learns them onto the photo teacher's embeddings of their photos; --eval "
@@ -276,10 +365,15 @@ def main(argv: list[str] | None = None) -> None:
         files = [Path(args.parallel)]
     else:
         files = [ASSETS / f for f in dict.fromkeys(LANGUAGES[x][0] for x in langs)]
-    parallel = merge_parallel(files, work / "parallel.csv", args.limit) if len(files) > 1 or args.limit else files[0]
     teacher = load_teacher("text:minilm")
     english = load_rows(args.english)
     queries = {x: load_rows(f) for x, f in zip(langs, evals)}
+    by_photo = args.by_photo if args.by_photo is not None else (args.parallel is None and mode != "smoke")
+    native: list[dict] = []
+    if by_photo:
+        native, queries = photo_pairs(english, queries)
+    parallel = (merge_parallel(files, work / "parallel.csv", args.limit, native)
+                if len(files) > 1 or args.limit or native else files[0])
     if mode == "smoke":  # a few photos: the whole pipeline in seconds
         photos = set(list(dict.fromkeys(english.images))[:20])
         english = english.subset([i for i, p in enumerate(english.images) if p in photos])
@@ -309,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     timing["teacher_eval_s"] = time.perf_counter() - t0
     for name, kwargs, steps, batch, lr in (
             ("student", {"pretrained": "minilm", "keep_layers": cfg["layers"], "extend_vocab": str(grow_dir),
+                         "align_vocab": str(parallel),
                          **({**SMALL, "train_text": str(parallel)} if small else {})},
              cfg["steps"], cfg["batch"], cfg["lr"]),
             ("scratch", {"tokenizer": str(scratch_dir), "num_layers": 4, "hidden_size": 256},
@@ -336,11 +431,21 @@ def main(argv: list[str] | None = None) -> None:
     elif mode != "smoke":
         print(f"no photo teacher at {photo_dir} (run benchmarks/quality_real.py --quick first): text->image skipped")
     res["scratch"] = {"languages": results["scratch"]["languages"], "english": results["scratch"]["english"]}
-    res["tokenizers"] = tokenizer_table({"teacher": teacher, **students}, queries, res)
+    t0 = time.perf_counter()
+    res["same_length"] = same_length(files, students["student"], queries, english, teacher,
+                                     photo_dir if photo_dir is not None and (photo_dir / "config.json").exists()
+                                     else None)
+    timing["same_length_s"] = time.perf_counter() - t0
+    corpora = {x: texts_of([str(ASSETS / CORPORA[x])]) for x in langs
+               if x in CORPORA and (ASSETS / CORPORA[x]).exists() and mode != "smoke"}
+    res["tokenizers"] = tokenizer_table({"teacher": teacher, **students}, queries, res, corpora)
     wall = time.perf_counter() - tic
     print(f"\nteacher MiniLM-L6 ({params['teacher'] / 1e6:.1f}M params); student from MiniLM's blocks "
           f"{cfg['layers']} + grown vocabulary ({params['student'] / 1e6:.1f}M); from scratch "
           f"({params['scratch'] / 1e6:.1f}M)")
+    if by_photo:
+        print(f"the students also learnt {len(native)} pairs of captions of the photo teacher's training photos "
+              "(distill data pair); queries: the captions of its held-out photos")
     print(f"{'queries':10} {'teacher R@1':>11} {'R@5':>6} {'student R@1':>11} {'R@5':>6} {'scratch R@1':>11}")
     for lang in langs:
         a, b = res["languages"][lang], res["scratch"]["languages"][lang]
@@ -358,15 +463,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{x + '->img':10} {v['queries']:5d} {v['teacher_t2i_r1']:11.3f} {v['teacher_t2i_r5']:6.3f} "
                   f"{v['student_t2i_r1']:11.3f} {v['student_t2i_r5']:6.3f} {v['scratch_t2i_r1']:11.3f}")
     for lang, rows in res["tokenizers"].items():
-        print(f"\n{lang} tokenizers on its test captions\n{'model':10} {'vocab':>7} {'[UNK]':>7} {'tok/caption':>11} "
-              f"{'R@1':>6}")
+        corpus = f" ([UNK] also on {CORPORA[lang]})" if lang in corpora else ""
+        print(f"\n{lang} tokenizers on its test captions{corpus}\n{'model':10} {'vocab':>7} {'[UNK]':>7} "
+              f"{'corpus':>7} {'tok/caption':>11} {'R@1':>6}")
         for name, t in rows.items():
-            print(f"{name:10} {t['vocab']:7d} {t['unk_share']:7.2%} {t['tokens_per_caption']:11.1f} {t['r1']:6.3f}")
+            print(f"{name:10} {t['vocab']:7d} {t['unk_share']:7.2%} "
+                  f"{format(t['corpus_unk_share'], '7.2%') if 'corpus_unk_share' in t else '':>7} "
+                  f"{t['tokens_per_caption']:11.1f} {t['r1']:6.3f}")
+    print("\nwhat a query that short can say: the English captions of the same photos, cut to the queries' length "
+          "in English words, read by the teachers")
+    print(f"{'queries':10} {'words':>6} {'cut to':>6} {'en R@1':>7} {'(full)':>7} {'en->img R@1':>11}")
+    for x, v in res["same_length"].items():
+        img = f"{v['photo_teacher_t2i_r1']:11.3f}" if "photo_teacher_t2i_r1" in v else f"{'':11}"
+        print(f"{x:10} {v['english_words']:6.1f} {v['cut_to']:6d} {v['teacher_r1']:7.3f} "
+              f"{v['teacher_r1_full_length']:7.3f} {img}")
     print(f"{wall / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}' for k, v in timing.items())})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"multilingual{'_' + mode if mode != 'full' else ''}{'_small' if small else ''}"
     write_result(name, device, args.out, ("transformers",), mode=mode, small=SMALL if small else None,
                  parallel=[str(f) for f in files], langs=langs, settings=cfg, params=params, timing=timing,
+                 by_photo={"pairs": len(native), "queries": "captions of the photo teacher's held-out photos"}
+                 if by_photo else None,
                  wall_s=wall, **res)
 
 

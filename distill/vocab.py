@@ -11,6 +11,10 @@ new pieces of a trained tokenizer that its vocabulary spells only through stripp
 (pieces with non-ASCII characters), initialising each new embedding as the mean of the embeddings of
 the old pieces the pretrained tokenizer split it into. English text tokenizes exactly as before, so
 the pretrained start keeps what it knows (multilingual knowledge distillation: Reimers & Gurevych, 2020).
+
+A piece can start at what it means instead: ``align_pieces`` finds the English pieces it translates to in
+parallel sentences (IBM Model 1), ``align_pieces_by_images`` the English words nearest the photos its
+captions describe (a language with photos and no parallel text); ``set_piece_embeddings`` applies either.
 """
 from __future__ import annotations
 
@@ -142,10 +146,14 @@ def new_pieces(base, trained, lowercase: bool = False) -> list[str]:
     return list(out)
 
 
-def grow_vocab(encoder: Any, base, trained, lowercase: bool | None = None) -> tuple[Any, list[str]]:
+def grow_vocab(encoder: Any, base, trained, lowercase: bool | None = None,
+               pairs: Sequence[tuple[str, str]] | None = None) -> tuple[Any, list[str]]:
     """Extend a pretrained WordPiece model with ``trained``'s non-ASCII pieces. Returns the new tokenizer
     (the base vocabulary followed by the new pieces; accents kept) and the pieces added. The encoder's
-    input embeddings grow in place; each new row is the mean of the old pieces ``base`` splits it into."""
+    input embeddings grow in place; each new row is the mean of the old pieces ``base`` splits it into.
+    Given parallel ``pairs`` (new-language sentence, sentence the base reads), every non-ASCII piece seen
+    often enough there, new or the base's own, starts instead at the base pieces it translates to
+    (``align_pieces``)."""
     import torch
 
     transformers = require("transformers", "tokenizers")
@@ -171,7 +179,67 @@ def grow_vocab(encoder: Any, base, trained, lowercase: bool | None = None) -> tu
             ids = [i for i in base(piece.removeprefix("##"), add_special_tokens=False)["input_ids"]
                    if i != base.unk_token_id] or [base.unk_token_id]
             weight[len(vocab) + k] = old[ids].mean(0)
+    if pairs:  # the base's own pieces in these scripts were hardly trained (MiniLM read English): them too
+        set_piece_embeddings(encoder, align_pieces(grown, base, pairs, [i for p, i in grown.get_vocab().items()
+                                                                         if not p.isascii()]))
     return grown, added
+
+
+def align_pieces(tokenizer, base, pairs: Sequence[tuple[str, str]], pieces: Iterable[int], top: int = 8,
+                 min_count: int = 3, iterations: int = 5,
+                 max_pairs: int = 200_000) -> dict[int, tuple[list[int], list[float]]]:
+    """For each token id in ``pieces`` (of ``tokenizer``, reading the first sentence of each pair) seen at least
+    ``min_count`` times, the ``base`` token ids (reading the second) it translates to and their probabilities
+    (the ``top`` most likely, summing to 1): IBM Model 1 word alignment (Brown et al., 1993) by EM over the
+    sentence pairs (``max_pairs`` of them, evenly spread: memory grows with their words), with a null word. A
+    piece whose embedding starts at what it means learns in a fraction of the steps one that starts at [UNK]
+    does (cf. WECHSEL, Minixhofer et al., 2022)."""
+    import numpy as np
+
+    if len(pairs) > max_pairs:
+        pairs = [pairs[int(k)] for k in np.linspace(0, len(pairs) - 1, max_pairs)]
+    pieces = set(pieces)
+    specials = set(base.all_special_ids) | set(tokenizer.all_special_ids)
+    src_ids = tokenizer([a for a, _ in pairs], add_special_tokens=False)["input_ids"]
+    tgt_ids = base([b for _, b in pairs], add_special_tokens=False)["input_ids"]
+    null = len(tokenizer)  # a source word every target word may align to instead (function words, punctuation)
+    f_all, e_all, pos_all = [], [], []
+    pos = 0
+    for src, tgt in zip(src_ids, tgt_ids):
+        src = [i for i in src if i not in specials] + [null]
+        tgt = [i for i in tgt if i not in specials]
+        if len(src) < 2 or not tgt:
+            continue
+        f_all.append(np.tile(np.asarray(src, np.int64), len(tgt)))
+        e_all.append(np.repeat(np.asarray(tgt, np.int64), len(src)))
+        pos_all.append(np.repeat(np.arange(pos, pos + len(tgt)), len(src)))
+        pos += len(tgt)
+    if not f_all:
+        return {}
+    f, e, position = np.concatenate(f_all), np.concatenate(e_all), np.concatenate(pos_all)
+    links, link = np.unique(f * (len(base) + 1) + e, return_inverse=True)
+    link_f, link_e = links // (len(base) + 1), links % (len(base) + 1)
+    t = np.ones(len(links))
+    for _ in range(iterations):
+        p = t[link]
+        post = p / np.bincount(position, weights=p, minlength=pos)[position]
+        counts = np.bincount(link, weights=post, minlength=len(links))
+        t = counts / np.bincount(link_f, weights=counts)[link_f]
+    seen = np.bincount(np.concatenate([np.asarray([i for i in s if i not in specials], np.int64)
+                                       for s in src_ids] or [np.zeros(0, np.int64)]), minlength=null + 1)
+    out: dict[int, tuple[list[int], list[float]]] = {}
+    order = np.argsort(link_f, kind="stable")
+    starts = np.searchsorted(link_f[order], np.arange(null + 2))
+    for piece in pieces:
+        if piece >= null or seen[piece] < min_count:
+            continue
+        rows = order[starts[piece]:starts[piece + 1]]
+        if not len(rows):
+            continue
+        best = rows[np.argsort(-t[rows])[:top]]
+        probs = t[best] / t[best].sum()
+        out[int(piece)] = ([int(i) for i in link_e[best]], [float(x) for x in probs])
+    return out
 
 
 def texts_of(sources: Sequence[str], columns: Sequence[str] = ()) -> list[str]:
@@ -195,3 +263,49 @@ def texts_of(sources: Sequence[str], columns: Sequence[str] = ()) -> list[str]:
         else:
             out += [c for c in load_rows(src).captions if c]
     return out
+
+
+def align_pieces_by_images(tokenizer, captions: Sequence[str], image_emb: Any, embed_words: Any,
+                           pieces: Iterable[int], top: int = 8, min_count: int = 3,
+                           temperature: float = 0.02) -> dict[int, tuple[list[int], list[float]]]:
+    """``align_pieces`` for a language with photos and no parallel text: the photos are the dictionary. Each
+    piece in ``pieces`` (ids of ``tokenizer``, which reads ``captions``) seen in ``min_count`` captions or more
+    is the mean of the embeddings (``image_emb``, one row per caption, in a teacher's joint space) of the photos
+    its captions describe; each English word of the tokenizer's vocabulary (ASCII letters, whole words) is the
+    teacher's embedding of that word alone (``embed_words``: a list of words -> their embeddings in the same
+    space). Each side is centred (the gap between a joint space's image and text sides is not a meaning) and a
+    piece goes to the ``top`` words nearest it, weighted by a softmax at ``temperature``."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    where: dict[int, list[int]] = {p: [] for p in pieces}
+    for row, caption_ids in enumerate(ids):
+        for p in set(caption_ids):
+            if p in where:
+                where[p].append(row)
+    keys = [p for p, rows in where.items() if len(rows) >= min_count]
+    vocab = tokenizer.get_vocab()
+    words = [w for w in vocab if w.isascii() and w.isalpha() and len(w) > 1 and w not in SPECIALS]
+    if not keys or not words:
+        return {}
+    images = F.normalize(torch.as_tensor(image_emb, dtype=torch.float32), dim=-1)
+    piece_emb = torch.stack([images[where[p]].mean(0) for p in keys]) - images.mean(0)
+    word_emb = F.normalize(torch.as_tensor(embed_words(words), dtype=torch.float32), dim=-1)
+    sims = F.normalize(piece_emb, dim=-1) @ F.normalize(word_emb - word_emb.mean(0), dim=-1).T
+    best, idx = sims.topk(min(top, len(words)), dim=-1)
+    probs = torch.softmax(best / temperature, dim=-1)
+    return {p: ([vocab[words[j]] for j in idx[k].tolist()], probs[k].tolist()) for k, p in enumerate(keys)}
+
+
+def set_piece_embeddings(encoder: Any, aligned: dict[int, tuple[list[int], list[float]]]) -> int:
+    """Start each aligned piece's input embedding at the weighted mean of the embeddings of the pieces it was
+    aligned to (``align_pieces``, ``align_pieces_by_images``). Returns how many were set."""
+    import torch
+
+    weight = encoder.get_input_embeddings().weight
+    old = weight.detach().clone()
+    with torch.no_grad():
+        for piece, (ids, probs) in aligned.items():
+            weight[piece] = (old[ids] * torch.tensor(probs, dtype=old.dtype)[:, None]).sum(0)
+    return len(aligned)

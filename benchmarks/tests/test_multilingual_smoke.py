@@ -37,8 +37,14 @@ def test_benchmark_smoke_writes_the_fields_the_issue_names(tmp_path):
     bench = _benchmark()
     _tiny_photo_teacher(tmp_path / "photo")
     bench.main(["--smoke", "--limit", "120", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-                "--photo-teacher", str(tmp_path / "photo")])
+                "--photo-teacher", str(tmp_path / "photo"), "--by-photo"])
     result = json.loads((tmp_path / "out" / "multilingual_smoke_cpu.json").read_text())
+    # captions of the photo teacher's training photos were learnt; only its held-out photos' captions query
+    assert result["by_photo"]["pairs"] > 0
+    # the Chinese captions are much shorter than the English ones: the English cut to their length says less
+    short, long_ = result["same_length"]["zh"], result["same_length"]["de"]
+    assert short["cut_to"] < long_["cut_to"] and 4 <= short["cut_to"] <= 8, (short, long_)
+    assert 0 <= short["teacher_r1"] <= short["teacher_r1_full_length"] <= 1
     for lang in ("de", "fr", "zh"):
         v = result["languages"][lang]
         assert set(v) == {"student_r1", "student_r5", "teacher_r1", "teacher_r5"}

@@ -13,7 +13,8 @@ from .images import (IMAGE_EXTS, MAX_PIXELS, MIN_SIDE, RawImages, image_bytes, i
                      open_image, read_errors, read_problem, stat_problem, usable_image)
 from .rows import Rows, split_usable
 from .sources import (CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, LAYOUTS, SOURCES, Source, as_rows,
-                      load_parallel, load_rows, photo_paths, read_text_file, register_source)
+                      load_parallel, load_rows, pair_by_image, photo_paths, read_text_file, register_source,
+                      write_parallel)
 
 
 # the dataset and the sampler import torch: reading rows and image bytes does not (the ONNX search needs no torch)
@@ -21,7 +22,8 @@ __getattr__ = lazy(__name__, {"PairDataset": ".dataset", "make_collate": ".datas
                               "make_loader_factory": ".sampler"},
                    then=forward(__name__, "distill.run", {"SkipLog": "SkipLog"}))  # SkipLog moved: one more release
 
-__all__ = ["Rows", "load_rows", "as_rows", "photo_paths", "load_parallel", "split_usable", "open_image", "image_source",
+__all__ = ["Rows", "load_rows", "as_rows", "photo_paths", "load_parallel", "pair_by_image", "write_parallel",
+           "split_usable", "open_image", "image_source",
            "image_bytes", "read_problem", "read_errors", "stat_problem", "usable_image", "image_problem", "is_member",
            "RawImages", "PairDataset", "make_collate", "EpochBatchSampler", "make_loader_factory", "SOURCES", "Source", "register_source",
            "read_text_file", "IMAGE_EXTS", "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS",

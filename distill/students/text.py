@@ -168,6 +168,8 @@ def bert_small(
     proj_bias: bool = False,
     tokenizer: str | None = None,
     extend_vocab: str | None = None,
+    align_vocab: str | None = None,
+    align_source: str = "en",
     keep_layers: Sequence[int] | None = None,
     intermediate_size: int | None = None,
     trim_vocab: bool = False,
@@ -181,7 +183,10 @@ def bert_small(
 
     Other languages: ``tokenizer=DIR`` builds the (random) student on a tokenizer trained for them
     (``distill tokenizer train``); ``extend_vocab=DIR`` adds such a tokenizer's non-ASCII pieces to a
-    pretrained start's vocabulary (``vocab.grow_vocab``), keeping its English tokenization.
+    pretrained start's vocabulary (``vocab.grow_vocab``), keeping its English tokenization;
+    ``align_vocab=FILE`` (a parallel csv/tsv) starts each non-ASCII piece, new or the start's own, at the
+    embedding of the ``align_source`` pieces it translates to there (word alignment), instead of at the pieces
+    (or [UNK]) it was spelt with.
 
     Smaller (``students.shrink``), for a pretrained start: ``trim_vocab`` keeps the tokens ``train_text`` (a .txt,
     a data source or a parallel csv: what the student will read) uses ``min_token_count`` times or more;
@@ -190,6 +195,9 @@ def bert_small(
     if tokenizer and (pretrained or extend_vocab):
         raise RecipeError("student.kwargs.tokenizer: a trained tokenizer builds a student from scratch; with "
                           "student.kwargs.pretrained use extend_vocab instead")
+    if align_vocab and not extend_vocab:
+        raise RecipeError("student.kwargs.align_vocab: starts the pieces extend_vocab adds; set "
+                          "student.kwargs.extend_vocab (a tokenizer trained on the new language)")
     if extend_vocab and not pretrained:
         raise RecipeError("student.kwargs.extend_vocab: grows a pretrained vocabulary; set student.kwargs.pretrained "
                           "(e.g. minilm), or build from scratch with student.kwargs.tokenizer")
@@ -206,7 +214,22 @@ def bert_small(
         if extend_vocab:
             from ..vocab import grow_vocab, load_tokenizer
 
-            tower.tokenizer, added = grow_vocab(tower.encoder, tower.tokenizer, load_tokenizer(extend_vocab))
+            pairs = None
+            if align_vocab:
+                from ..data.sources.parallel import load_parallel
+                from ..errors import DataError
+
+                if not Path(os.path.expanduser(str(align_vocab))).is_file():
+                    raise DataError(f"student.kwargs.align_vocab: {str(align_vocab)!r}: no such file (a parallel "
+                                    f"csv/tsv with a column {align_source!r})")
+                try:
+                    rows = load_parallel(align_vocab, align_source, keep_source=False)
+                except DataError as e:
+                    raise DataError(f"student.kwargs.align_vocab: {e}".replace(
+                        "(data.parallel_source)", "(student.kwargs.align_source)")) from None
+                pairs = [(a, b) for a, b in zip(rows.captions, rows.teacher_texts) if a and b]
+            tower.tokenizer, added = grow_vocab(tower.encoder, tower.tokenizer, load_tokenizer(extend_vocab),
+                                                pairs=pairs)
             tower.spec["extended_vocab"] = len(added)
         if trim_vocab or hidden_size is not None or intermediate_size is not None:
             from .shrink import read_texts, shrink_text_tower

@@ -16,7 +16,7 @@ from typing import Any
 from ...errors import DataError, DataNotFoundError
 from ..rows import Rows
 from . import folder, hf, json_files, table, tar  # noqa: F401  (register the readers)
-from .parallel import load_parallel
+from .parallel import load_parallel, pair_by_image, write_parallel
 from .records import CAPTION_KEYS, IMAGE_FOLDERS, IMAGE_KEYS, LABEL_KEYS, read_table, read_text_file
 from .registry import SOURCES, Source, register_source
 from .table import LAYOUTS
@@ -59,5 +59,5 @@ def photo_paths(source: Any) -> list[str]:
     return list(dict.fromkeys(p for p in rows.images if p))
 
 
-__all__ = ["load_rows", "as_rows", "photo_paths", "load_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
+__all__ = ["load_rows", "as_rows", "photo_paths", "load_parallel", "pair_by_image", "write_parallel", "SOURCES", "Source", "register_source", "read_table", "read_text_file",
            "IMAGE_KEYS", "CAPTION_KEYS", "LABEL_KEYS", "IMAGE_FOLDERS", "LAYOUTS"]

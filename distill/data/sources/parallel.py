@@ -154,3 +154,55 @@ def _warn_mixed_scripts(path: Path, column: str, values: Sequence[str], lines: S
         log.warning("%s: column %r mixes scripts: %d of its %d rows have no %s letter, as most of it has (first: line "
                     "%d: %r); check those rows", path, column, len(odd), len(mains), main, lines[first],
                     values[first][:60])
+
+
+def pair_by_image(source: Rows, others: dict[str, Rows], source_lang: str = "en") -> list[dict[str, str]]:
+    """Captions of the same photos in other languages as parallel sentences, where nobody translated them: for
+    each photo, every caption in each language of ``others`` beside every ``source_lang`` caption of that photo
+    (columns ``source_lang`` and that language; the others left empty), the layout ``load_parallel`` reads. Such
+    captions are written by looking at the photo, in the language's own words (a comparable corpus), where
+    translated text has a translator's style. Photos are matched by their real path; photos one side lacks
+    are left out."""
+    def by_photo(rows: Rows) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for image, caption in zip(rows.images, rows.captions):
+            if image and caption and caption.strip():
+                out.setdefault(os.path.realpath(image), []).append(caption.strip())
+        return out
+
+    if source_lang in others:
+        raise DataError(f"pair_by_image: {source_lang!r} is the source language and one of the others")
+    src = by_photo(source)
+    if not src:
+        raise DataError(f"{source.source}: no photo with a caption ({source_lang}); pairing by photo needs an image "
+                        "column")
+    table: list[dict[str, str]] = []
+    for lang, rows in others.items():
+        theirs = by_photo(rows)
+        if not theirs:
+            raise DataError(f"{rows.source}: no photo with a caption ({lang}); pairing by photo needs an image column")
+        shared = [p for p in theirs if p in src]
+        if not shared:
+            raise DataError(f"{rows.source}: none of its photos has a caption in {source.source} ({source_lang}); "
+                            "photos are matched by path")
+        empty = dict.fromkeys([source_lang, *others], "")
+        table += [{**empty, source_lang: a, lang: b} for p in shared for b in theirs[p] for a in src[p]]
+    return table
+
+
+def write_parallel(table: Sequence[dict[str, str]], out: str | os.PathLike) -> Path:
+    """Write parallel sentences (one dict per row, a column per language) as a csv that ``load_parallel`` reads,
+    atomically: a crash leaves the old file or none."""
+    import csv
+    import io
+
+    from ...io import atomic_write_text
+
+    columns = list(dict.fromkeys(c for row in table for c in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, restval="")
+    w.writeheader()
+    w.writerows(table)
+    out = Path(out)
+    atomic_write_text(out, buf.getvalue())
+    return out
