@@ -225,8 +225,9 @@ def bert_small(
                 try:
                     rows = load_parallel(align_vocab, align_source, keep_source=False)
                 except DataError as e:
-                    raise DataError(f"student.kwargs.align_vocab: {e}".replace(
-                        "(data.parallel_source)", "(student.kwargs.align_source)")) from None
+                    msg = str(e).replace("(data.parallel_source)", "(student.kwargs.align_source)")
+                    msg = msg.replace(": name the ones the student learns in data.parallel_targets", "")
+                    raise DataError(f"student.kwargs.align_vocab: {msg}") from None
                 pairs = [(a, b) for a, b in zip(rows.captions, rows.teacher_texts) if a and b]
             tower.tokenizer, added = grow_vocab(tower.encoder, tower.tokenizer, load_tokenizer(extend_vocab),
                                                 pairs=pairs)
