@@ -261,9 +261,9 @@ def photo_retrieval(photo_dir: Path, students: dict, queries: dict, english) -> 
 
 def same_length(parallel: list[Path], student, queries: dict, english, teacher, photo_dir: Path | None) -> dict:
     """What a query that short can say: per language, its queries' mean length in English words (its tokens
-    per English word in the parallel files: translations), and the English teacher's R@1 when the English captions of the
-    same photos, cut to that many words, query the full English captions (their own left out) and, with a
-    photo teacher, its held-out photos. Queries far shorter than the English captions carry less of the photo."""
+    per English word in the parallel files: translations), and the English teacher's R@1 when the English
+    captions of the same photos, cut to that many words, query the full English captions (their own left out)
+    and, with a photo teacher, its held-out photos. Queries far shorter than English captions say less."""
     import csv
 
     from quality_real import flickr_split
