@@ -220,7 +220,7 @@ def test_captions_of_the_same_photos_pair_into_parallel_sentences(tmp_path, caps
     rows = load_parallel(str(tmp_path / "pairs.csv"), "en", ["zh"], keep_source=False)
     assert sorted(zip(rows.captions, rows.teacher_texts)) == sorted((r["zh"], r["en"]) for r in table)
     (tmp_path / "text.csv").write_text("caption\n" + "\n".join(ZH) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"text.csv: no photo with a caption \(zh\); pairing by photo needs an image"):
+    with pytest.raises(DataError, match=r"text.csv: no photo with a caption \(zh\); pairing by photo needs photos with captions"):
         pair_by_image(load_rows(str(tmp_path / "en.csv")), {"zh": load_rows(str(tmp_path / "text.csv"))})
     elsewhere = [(str(tmp_path / "img" / "9.png"), ZH[2])]
     with open(tmp_path / "far.csv", "w", encoding="utf-8", newline="") as fh:

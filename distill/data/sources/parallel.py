@@ -174,13 +174,14 @@ def pair_by_image(source: Rows, others: dict[str, Rows], source_lang: str = "en"
         raise DataError(f"pair_by_image: {source_lang!r} is the source language and one of the others")
     src = by_photo(source)
     if not src:
-        raise DataError(f"{source.source}: no photo with a caption ({source_lang}); pairing by photo needs an image "
-                        "column")
+        raise DataError(f"{source.source}: no photo with a caption ({source_lang}); pairing by photo needs photos "
+                        "with captions")
     table: list[dict[str, str]] = []
     for lang, rows in others.items():
         theirs = by_photo(rows)
         if not theirs:
-            raise DataError(f"{rows.source}: no photo with a caption ({lang}); pairing by photo needs an image column")
+            raise DataError(f"{rows.source}: no photo with a caption ({lang}); pairing by photo needs photos with "
+                            "captions")
         shared = [p for p in theirs if p in src]
         if not shared:
             raise DataError(f"{rows.source}: none of its photos has a caption in {source.source} ({source_lang}); "
