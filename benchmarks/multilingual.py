@@ -86,16 +86,20 @@ def merge_parallel(files: list[Path], out: Path, limit: int | None = None, extra
     return write_parallel(table + list(extra), out)
 
 
+def held_out_photos() -> list[str]:
+    """The flickr1k photos quality_real.py's photo teacher held out (real paths, sorted)."""
+    from quality_real import flickr_split
+
+    return sorted({os.path.realpath(p) for p in flickr_split(ASSETS)[1].images})
+
+
 def photo_pairs(english, queries: dict) -> tuple[list[dict], dict]:
     """Captions in each language of the photos the photo teacher trained on (not the ones it held out), each
     beside the English captions of the same photo (``distill.data.pair_by_image``): native text, where the
     parallel files are translations. Returns those rows, and each language's queries cut to the held-out photos."""
-    from quality_real import flickr_split
-
     from distill.data import pair_by_image
 
-    _, held = flickr_split(ASSETS)
-    held_photos = {os.path.realpath(p) for p in held.images}
+    held_photos = set(held_out_photos())
 
     def part(rows, keep_held: bool):
         return rows.subset([i for i, p in enumerate(rows.images) if p and (os.path.realpath(p) in held_photos)
@@ -110,8 +114,6 @@ def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang:
     """A language with nothing but its own photos: a text student learns captions in ``lang`` onto the frozen
     photo teacher's embeddings of their photos (``data.text_target: image``), then its captions query the test
     photos. Without a test file (or the same file), the photos quality_real.py held out are the test photos."""
-    from quality_real import flickr_split
-
     from distill import Distiller, create_student, load_student, load_teacher
     from distill.cache import TeacherService
     from distill.data import load_rows
@@ -123,8 +125,7 @@ def captions_only(photo_dir: Path, train_file: str, test_file: str | None, lang:
     if test_file and key(test_file) != key(train_file):
         test = load_rows(test_file)
     else:
-        _, held = flickr_split(ASSETS)
-        held_photos = {key(p) for p in held.images}
+        held_photos = set(held_out_photos())
         test = train.subset([i for i, p in enumerate(train.images) if p and key(p) in held_photos])
         train = train.subset([i for i, p in enumerate(train.images) if p and key(p) not in held_photos])
     test_photos = {key(p) for p in test.images if p}
@@ -230,46 +231,53 @@ class Evaluation:
         return out
 
 
-def photo_retrieval(photo_dir: Path, students: dict, queries: dict, english) -> dict:
-    """Text->image R@1/R@5 on the 200 flickr1k photos the photo teacher (benchmarks/quality_real.py:
-    EfficientNet-Lite0 + MiniLM, heads tuned) held out: captions in each language query the photos,
-    read by the photo teacher itself and by each student through the teacher's text head."""
-    from quality_real import flickr_split
+class PhotoJudge:
+    """The photo teacher of benchmarks/quality_real.py (EfficientNet-Lite0 + MiniLM, heads tuned) and its
+    embeddings of the 200 flickr1k photos it held out, loaded and computed once."""
 
-    from distill import load_student
-    from distill.eval import cross_lingual_recall, embed_images, embed_texts
+    def __init__(self, photo_dir: Path):
+        from distill import load_student
+        from distill.eval import embed_images
 
-    photo = load_student(photo_dir).eval()
-    _, held = flickr_split(ASSETS)
-    held_photos = sorted({os.path.realpath(p) for p in held.images})
-    images = embed_images(photo, held_photos)
+        self.dir, self.model = photo_dir, load_student(photo_dir).eval()
+        self.photos = held_out_photos()
+        self.images = embed_images(self.model, self.photos)
+
+    def recall(self, model, texts: list[str], groups: list[str]) -> dict:
+        """Text->image R@1/R@5 of ``texts`` (``groups``: each one's photo) read by ``model``."""
+        from distill.eval import cross_lingual_recall, embed_texts
+
+        return cross_lingual_recall(embed_texts(model, texts), groups, self.images, self.photos)
+
+
+def photo_retrieval(judge: PhotoJudge, students: dict, queries: dict, english) -> dict:
+    """Text->image R@1/R@5 on the photos the photo teacher held out: captions in each language query the
+    photos, read by the photo teacher itself and by each student through the teacher's text head."""
     sets = {"en": english, **queries}
-    out = {"teacher": str(photo_dir), "photos": len(held_photos), "languages": {}}
+    out = {"teacher": str(judge.dir), "photos": len(judge.photos), "languages": {}}
     # the students learnt MiniLM's sentence embedding, which the photo teacher's text head maps into its space
-    models = {"teacher": photo, **{k: m.into_space_of(photo, "text") for k, m in students.items()}}
-    keep = set(held_photos)
+    models = {"teacher": judge.model, **{k: m.into_space_of(judge.model, "text") for k, m in students.items()}}
+    keep = set(judge.photos)
     for x, rows in sets.items():
         pairs = [(c, os.path.realpath(i)) for i, c in zip(rows.images, rows.captions)
                  if i and c and os.path.realpath(i) in keep]
         texts, groups = [c for c, _ in pairs], [g for _, g in pairs]
         out["languages"][x] = {"queries": len(texts)}
         for name, model in models.items():
-            r = cross_lingual_recall(embed_texts(model, texts), groups, images, held_photos)
+            r = judge.recall(model, texts, groups)
             out["languages"][x].update({f"{name}_t2i_r1": r["r1"], f"{name}_t2i_r5": r["r5"]})
     return out
 
 
-def same_length(parallel: list[Path], student, queries: dict, english, teacher, photo_dir: Path | None) -> dict:
+def same_length(parallel: list[Path], student, queries: dict, evaluation: Evaluation, teacher,
+                judge: PhotoJudge | None) -> dict:
     """What a query that short can say: per language, its queries' mean length in English words (its tokens
     per English word in the parallel files: translations), and the English teacher's R@1 when the English
     captions of the same photos, cut to that many words, query the full English captions (their own left out)
     and, with a photo teacher, its held-out photos. Queries far shorter than English captions say less."""
     import csv
 
-    from quality_real import flickr_split
-
-    from distill import load_student
-    from distill.eval import cross_lingual_recall, embed_images, embed_texts
+    from distill.eval import embed_texts
 
     key = os.path.realpath
     tok = student.text.tokenizer
@@ -277,18 +285,14 @@ def same_length(parallel: list[Path], student, queries: dict, english, teacher, 
     for f in parallel:
         with open(f, encoding="utf-8-sig", newline="") as fh:
             table += list(csv.DictReader(fh))
-    gallery = [c for p, c in zip(english.images, english.captions) if p and c]
-    groups = [key(p) for p, c in zip(english.images, english.captions) if p and c]
-    full = embed_texts(teacher, gallery)
+    gallery, groups, full = evaluation.texts, evaluation.groups, evaluation.teacher["en"]
 
     def r1_others(query_emb, own: list[int]) -> float:  # each query against every caption but its own
         sim = query_emb @ full.T
         sim[torch.arange(len(own)), torch.tensor(own)] = float("-inf")
         return sum(groups[t] == groups[k] for t, k in zip(sim.argmax(1).tolist(), own)) / max(len(own), 1)
 
-    photo = load_student(photo_dir).eval() if photo_dir is not None else None
-    held_photos = sorted({key(p) for p in flickr_split(ASSETS)[1].images}) if photo is not None else []
-    images = embed_images(photo, held_photos) if photo is not None else None
+    held = set(judge.photos) if judge is not None else set()
     out = {}
     for x, rows in queries.items():
         pairs = [(r[x], r["en"]) for r in table if r.get(x) and r.get("en")]
@@ -302,10 +306,9 @@ def same_length(parallel: list[Path], student, queries: dict, english, teacher, 
         out[x] = {"english_words": words, "tokens_per_english_word": per_word, "cut_to": n,
                   "teacher_r1": r1_others(embed_texts(teacher, cut), own),
                   "teacher_r1_full_length": r1_others(full[own], own)}
-        keep = [i for i, k in enumerate(own) if groups[k] in set(held_photos)]
-        if photo is not None and keep:
-            r = cross_lingual_recall(embed_texts(photo, [cut[i] for i in keep]), [groups[own[i]] for i in keep],
-                                     images, held_photos)
+        keep = [i for i, k in enumerate(own) if groups[k] in held]
+        if keep:
+            r = judge.recall(judge.model, [cut[i] for i in keep], [groups[own[i]] for i in keep])
             out[x].update({"photo_teacher_t2i_r1": r["r1"], "photo_teacher_t2i_r5": r["r5"]})
     return out
 
@@ -424,17 +427,17 @@ def main(argv: list[str] | None = None) -> None:
     photo_dir = Path(args.photo_teacher) if args.photo_teacher else PHOTO_TEACHER if mode != "smoke" else None
     if args.photo_teacher and not (photo_dir / "config.json").exists():
         raise SystemExit(f"--photo-teacher {photo_dir}: no saved model there (config.json)")
+    judge = None
     if photo_dir is not None and (photo_dir / "config.json").exists():
         t0 = time.perf_counter()
-        res["photos"] = photo_retrieval(photo_dir, students, queries, english)
+        judge = PhotoJudge(photo_dir)
+        res["photos"] = photo_retrieval(judge, students, queries, english)
         timing["photo_eval_s"] = time.perf_counter() - t0
     elif mode != "smoke":
         print(f"no photo teacher at {photo_dir} (run benchmarks/quality_real.py --quick first): text->image skipped")
     res["scratch"] = {"languages": results["scratch"]["languages"], "english": results["scratch"]["english"]}
     t0 = time.perf_counter()
-    res["same_length"] = same_length(files, students["student"], queries, english, teacher,
-                                     photo_dir if photo_dir is not None and (photo_dir / "config.json").exists()
-                                     else None)
+    res["same_length"] = same_length(files, students["student"], queries, evaluation, teacher, judge)
     timing["same_length_s"] = time.perf_counter() - t0
     corpora = {x: texts_of([str(ASSETS / CORPORA[x])]) for x in langs
                if x in CORPORA and (ASSETS / CORPORA[x]).exists() and mode != "smoke"}
