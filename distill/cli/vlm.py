@@ -29,6 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("adapter", help="an adapter folder (distill adapt's <output_dir>/adapter, or the run folder)")
     c.add_argument("photos", nargs="+", help="photos, folders (recursive) or a data file with an image column")
     c.add_argument("--tower", help="the tower to look through (default: the one the adapter names)")
+    c.add_argument("--image-size", type=count(16, 4096), default=None,
+                   help="run the tower at this input size (a CNN takes any; smaller is cheaper, in the same space)")
     c.add_argument("--lm", help="the LM (default: the one the adapter names)")
     c.add_argument("--prompt", help="another question than the one the adapter was trained with")
     c.add_argument("--max-new-tokens", type=count(1, 4096), default=40)
@@ -67,10 +69,13 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from ..vlm import caption_images, load_vlm
+    from ..vlm import VisionTower, caption_images, load_vlm
 
     vlm = load_vlm(args.adapter, lm_name=args.lm)
-    out = caption_images(vlm, args.photos, tower=args.tower, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    tower = args.tower or vlm.vision.get("path")
+    if args.image_size is not None and tower:  # without a tower, caption_images says what to pass
+        tower = VisionTower.load(tower, vlm.vision.get("features", "pooled"), image_size=args.image_size)
+    out = caption_images(vlm, args.photos, tower=tower, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                          sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                          batch_size=args.batch_size, seed=args.seed)
     for path, text in zip(out.paths, out.captions):

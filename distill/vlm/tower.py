@@ -4,6 +4,7 @@ patch tokens), and its identity: the weights it is, and the embedding space it l
 that an adapter trained on a teacher's embeddings can be handed a student of that teacher."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,33 @@ class VisionTower:
         model: a Student (or anything with ``encode_image``, ``preprocess``, ``weights_id``).
         folder: where it was loaded from (its weights file digest is the space a student of it records).
         features: ``pooled`` (the normalised embedding) or ``patches`` (the trunk's patch tokens, [N, C]).
+        image_size: run it at another input size than it was saved with (a CNN takes any: cheaper eyes,
+            in the same space; ``benchmarks/vlm.py --sizes`` measures what each size costs in captions).
     """
 
-    def __init__(self, model: Any, folder: str | os.PathLike | None = None, features: str = "pooled"):
+    def __init__(self, model: Any, folder: str | os.PathLike | None = None, features: str = "pooled",
+                 image_size: int | None = None):
         if getattr(model, "image", None) is None and not hasattr(model, "image_module"):
             raise ModelError(f"vlm.tower: {folder or 'the model'} has no image tower")
         self.model = model.eval()
         self.folder = Path(folder) if folder else None
         self.features = features
         self.preprocess = model.preprocess if getattr(model, "preprocess", None) is not None else model.image.preprocess
+        saved = self.preprocess.image_size
+        if image_size is not None and image_size != saved:
+            self.preprocess = dataclasses.replace(self.preprocess, image_size=int(image_size))
+            try:
+                self.encode(torch.zeros(1, 3, image_size, image_size, device=self.device))
+            except Exception as e:  # noqa: BLE001 - a ViT with a fixed position table, a size too small
+                raise ModelError(f"image_size: {self.name} cannot run at {image_size} px ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:150]}); leave it at {saved}") from None
         if features == "patches" and not hasattr(self._trunk(), "forward_features"):
             raise ModelError(f"vlm.features: patches needs a timm trunk (forward_features); {self.name} has none: "
                              "use vlm.features=pooled")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, features: str = "pooled", device: str = "cpu") -> "VisionTower":
+    def load(cls, path: str | os.PathLike, features: str = "pooled", device: str = "cpu",
+             image_size: int | None = None) -> "VisionTower":
         from ..interop import load_student
         from ..outputs import model_folder
 
@@ -44,7 +57,7 @@ class VisionTower:
         if not p.exists():
             raise ModelError(f"vlm.tower: {p}: no such folder (a saved teacher or student, or a run)")
         folder = model_folder(p)
-        return cls(load_student(folder, device=device), folder, features)
+        return cls(load_student(folder, device=device), folder, features, image_size)
 
     @property
     def name(self) -> str:
