@@ -72,6 +72,33 @@ def image_table(rows: Rows, preprocess: PreprocessCfg, encode: Callable[[torch.T
     return table, {i: bad[p] for i, p in enumerate(rows.images) if p in bad}
 
 
+def stored_image_table(rows: Rows, store: Any, preprocess: PreprocessCfg,
+                       encode: Callable[[torch.Tensor], torch.Tensor], write: bool = True, **kwargs: Any,
+                       ) -> tuple[FrozenTable, dict[int, str]]:
+    """``image_table`` through ``store`` (a ``cache.towers.TowerFeatures``): photos it holds (by content) are read,
+    the others encoded and, with ``write``, added to it. ``kwargs`` go to ``image_table``."""
+    from .cache.keys import image_keys
+
+    unique = list(dict.fromkeys(p for p in rows.images if p))
+    keys = dict(zip(unique, image_keys(unique, progress=kwargs.get("progress", True))[0]))
+    found = store.get(list(keys.values()))
+    todo = [p for p in unique if keys[p] not in found]
+    bad: dict[str, str] = {}
+    if todo:
+        table, skipped = image_table(Rows(todo, [None] * len(todo), source=rows.source), preprocess, encode,
+                                     **kwargs)
+        new = {keys[todo[i]]: table.values[j] for i, j in table.rows.items()}
+        if write and new:
+            store.add(list(new), torch.stack(list(new.values())))
+        found.update(new)
+        bad = {todo[i]: why for i, why in skipped.items()}
+    order = list(dict.fromkeys(keys[p] for p in unique if p not in bad))
+    where = {k: j for j, k in enumerate(order)}
+    values = torch.stack([found[k] for k in order]) if order else torch.zeros(0)
+    table = FrozenTable({i: where[keys[p]] for i, p in enumerate(rows.images) if p and p not in bad}, values)
+    return table, {i: bad[p] for i, p in enumerate(rows.images) if p in bad}
+
+
 def read_tables(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[int, str]] | None:
     """Tables a run stored (``write_tables``) for ``key`` (what they were computed from: towers, data), with
     ``{row: why}`` of the rows left out; None when the file is absent or was computed from something else."""

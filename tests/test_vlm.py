@@ -1,5 +1,6 @@
 """Adapters that make a frozen tower a language model's eyes, on a tiny random Llama and a tiny tower."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,6 +364,68 @@ def test_a_teacher_towers_features_come_from_its_cache(parts, tmp_path, monkeypa
     student = AdapterTrainer(parts["student"], parts["lm"], output_dir=str(tmp_path / "run2"),
                              cache=str(tmp_path / "cache"), max_steps=2, **FAST)
     assert student._from_cache(rows) is None
+
+
+def test_patch_tokens_are_kept_in_the_cache_for_every_later_run(parts, tmp_path, monkeypatch):
+    """With cache.dir, a tower's features (patch tokens here) are stored there by photo content: a later run
+    (another output_dir, photos under other paths, a few new) encodes only the photos the store lacks; a
+    damaged part is left out and its photos are encoded again."""
+    import shutil
+
+    from distill.data import Rows, load_rows
+    from distill.vlm import AdapterTrainer, VisionTower
+
+    rows = load_rows(parts["train"])
+    (tmp_path / "cache").mkdir()
+    first = Rows(list(rows.images[:40]), list(rows.captions[:40]))
+    calls = []
+    real = VisionTower.encode
+
+    def counting(self, pixels):
+        if pixels.abs().sum() > 0:  # not the width probe (one blank image)
+            calls.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(VisionTower, "encode", counting)
+    a = AdapterTrainer(parts["tower"], parts["lm"], output_dir=str(tmp_path / "a"), cache=str(tmp_path / "cache"),
+                       features="patches", max_steps=1, **FAST)
+    ta, bad = a._from_tower(first)
+    photos = len(set(first.images))
+    assert not bad and sum(calls) == photos and ta.values.shape[1:] == (16, 32)  # 4 x 4 patch tokens of width 32
+    parts_dir = list((tmp_path / "cache" / "towers").glob("*/part-*.safetensors"))
+    assert len(parts_dir) == 1
+    # the same photos copied elsewhere, and 10 more rows: only the new photos run through the tower
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    paths = []
+    for p in rows.images[:50]:
+        target = moved / Path(p).name
+        if not target.exists():
+            shutil.copy(p, target)
+        paths.append(str(target))
+    second = Rows(paths, list(rows.captions[:50]))
+    calls.clear()
+    b = AdapterTrainer(parts["tower"], parts["lm"], output_dir=str(tmp_path / "b"), cache=str(tmp_path / "cache"),
+                       features="patches", max_steps=1, **FAST)
+    tb, _ = b._from_tower(second)
+    assert sum(calls) == len(set(second.images)) - photos
+    for i in range(40):
+        assert torch.equal(tb.values[tb.rows[i]], ta.values[ta.rows[i]])
+    # a part whose bytes changed fails its digest: its photos are encoded again, not read wrong
+    part = parts_dir[0]
+    data = bytearray(part.read_bytes())
+    data[-10] ^= 0xFF
+    part.write_bytes(bytes(data))
+    calls.clear()
+    tc, _ = AdapterTrainer(parts["tower"], parts["lm"], output_dir=str(tmp_path / "c"), cache=str(tmp_path / "cache"),
+                           features="patches", max_steps=1, **FAST)._from_tower(first)
+    assert sum(calls) == photos
+    assert torch.allclose(tc.values[tc.rows[0]], ta.values[ta.rows[0]], atol=1e-6)
+    # another tower (other weights) never reads this one's features
+    calls.clear()
+    AdapterTrainer(parts["student"], parts["lm"], output_dir=str(tmp_path / "d"), cache=str(tmp_path / "cache"),
+                   features="patches", max_steps=1, **FAST)._from_tower(first)
+    assert sum(calls) == photos
 
 
 def test_lora_on_the_language_model_trains_saves_and_loads(parts, tmp_path):

@@ -9,13 +9,14 @@ Layout of a cache folder::
     texts/shard_00000.npy        [n, D] caption embeddings
     texts/shard_00000.json
     skipped.jsonl                every image or caption that was skipped, with the reason
+    towers/<id>/part-*.safetensors  other frozen towers' features by image key (``towers``: distill adapt)
 
 Images are keyed by their content (``keys``), captions by their text. View 0 is the teacher's own eval
 transform; views 1..K-1 are random-resized crops (and flips when asked) whose parameters depend only on
 (seed, image key, view), so a student replays exactly the same crop at its own resolution.
 
 Modules: ``keys`` (what identifies a row), ``build`` (``TeacherService``), ``store`` (manifest, shards,
-``EmbeddingCache``), ``dataset`` (training from a cache).
+``EmbeddingCache``), ``dataset`` (training from a cache), ``towers`` (``TowerFeatures``).
 """
 from .._lazy import lazy
 from ..errors import CacheError, CacheMismatchError, CacheMissError
@@ -25,8 +26,9 @@ __getattr__ = lazy(__name__, {**dict.fromkeys(("BuildSummary", "TeacherService",
                               **dict.fromkeys(("CachedPairDataset", "Lookup", "cached_collate", "lookup", "missing_error"),
                                               ".dataset"),
                               **dict.fromkeys(("KeyIndex", "image_keys", "text_key"), ".keys"),
-                              **dict.fromkeys(("DTYPES", "FORMAT", "EmbeddingCache", "compare"), ".store")})
+                              **dict.fromkeys(("DTYPES", "FORMAT", "EmbeddingCache", "compare"), ".store"),
+                              "TowerFeatures": ".towers"})
 
 __all__ = ["TeacherService", "BuildSummary", "EmbeddingCache", "CachedPairDataset", "cached_collate", "lookup",
            "Lookup", "missing_error", "image_keys", "text_key", "KeyIndex", "view_for", "compare", "FORMAT",
-           "DTYPES", "CacheError", "CacheMismatchError", "CacheMissError"]
+           "DTYPES", "TowerFeatures", "CacheError", "CacheMismatchError", "CacheMissError"]

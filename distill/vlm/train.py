@@ -16,7 +16,8 @@ from .. import dist
 from ..config import Recipe, apply_options
 from ..data import make_collate
 from ..errors import DataError, RecipeError
-from ..features import FrozenTable, TableRows, image_table, read_tables, rows_of, table_rows, write_tables
+from ..features import (FrozenTable, TableRows, image_table, read_tables, rows_of, stored_image_table, table_rows,
+                        write_tables)
 from ..loop import FitResult, TrainLoop
 from ..optim import seed_everything
 from ..pipeline import build_pipeline, image_caption_rows
@@ -197,10 +198,21 @@ class AdapterTrainer:
         return table, dict(found.skipped)
 
     def _from_tower(self, rows: Any) -> tuple[FrozenTable, dict[int, str]]:
+        """Run by the tower; with ``cache.dir``, the photos it already encoded for any run are read from
+        ``<cache.dir>/towers/`` (by content) and the new ones kept there."""
         r, tower = self.recipe, self.tower
         tower.model.to(self._device())
-        table, bad = image_table(rows, tower.preprocess, tower.encode, self._device(), r.data.num_workers,
-                                 r.data.packed, progress=r.train.progress, desc=f"frozen tower {tower.name}")
+        opts = dict(device=self._device(), num_workers=r.data.num_workers, packed=r.data.packed,
+                    progress=r.train.progress, desc=f"frozen tower {tower.name}")
+        if r.cache.dir and Path(r.cache.dir).is_dir():
+            from ..cache.towers import TowerFeatures
+
+            ident = {k: v for k, v in tower.identity().items() if k != "name"}
+            store = TowerFeatures(r.cache.dir, {**ident, "preprocess": tower.preprocess.to_dict()})
+            table, bad = stored_image_table(rows, store, tower.preprocess, tower.encode, write=dist.is_main(), **opts)
+            log.info("photo features of the tower %s kept in %s", tower.name, store.folder)
+        else:
+            table, bad = image_table(rows, tower.preprocess, tower.encode, **opts)
         tower.model.cpu()
         return table, bad
 
