@@ -46,7 +46,7 @@ from _results import write_result  # noqa: E402
 
 from distill import load_student  # noqa: E402
 from distill.data import Rows  # noqa: E402
-from distill.eval import embed_texts, macs, retrieval_recall  # noqa: E402
+from distill.eval import embed_texts, fidelity, macs, retrieval_recall  # noqa: E402
 from distill.vlm import AdapterTrainer, VisionTower, caption_images, load_lm, load_vlm, photo_paths, tower_features  # noqa: E402,E501
 from distill.vlm.metrics import bleu4, cider  # noqa: E402
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: captioning {len(photos)} photos")
         caps = caption_images(vlm, photos, features=f, max_new_tokens=cfg["max_new_tokens"], progress=False).captions
         res["towers"][name] = scores(caps, refs, photo_emb, teacher, own=f if name != "blind" else photo_emb)
-        res["towers"][name]["fidelity"] = round(float((f * photo_emb).sum(-1).mean()), 4)
+        res["towers"][name]["fidelity"] = round(fidelity(f, photo_emb), 4)
         res["examples"][name] = [{"photo": Path(photos[i]).name, "caption": caps[i], "references": refs[i][:2]}
                                  for i in range(min(3, len(photos)))]
     res["generate_s"] = round(time.perf_counter() - gen_tic, 1)

@@ -89,6 +89,9 @@ def test_a_saved_model_folder_gives_its_whole_image_tower(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(s.eval().encode_image(x), load_student(tmp_path / "teacher").encode_image(x), atol=1e-6)
+    source.save(tmp_path / "run" / "student")  # a run folder names its trained model
+    r = create_student("timm:test_efficientnet", embed_dim=16, pretrained=str(tmp_path / "run"))
+    assert torch.equal(r.image.proj.weight, source.image.proj.weight)
     # without the folder (the file only) the head is not inherited: the path users take for the trunk alone
     t = create_student("timm:test_efficientnet", embed_dim=16, pretrained=str(tmp_path / "teacher" / "model.safetensors"))
     assert not torch.equal(t.image.proj.weight, source.image.proj.weight)

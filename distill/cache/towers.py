@@ -42,20 +42,23 @@ class TowerFeatures:
         self.folder = Path(cache_dir) / "towers" / hashlib.sha256(ident.encode()).hexdigest()[:16]
         self.identity = identity
         self._index: dict[str, tuple[Path, int]] | None = None
+        self._digests: dict[Path, str | None] = {}
 
     def index(self) -> dict[str, tuple[Path, int]]:
         """Content key -> (part, row) of every photo stored in an intact part."""
         if self._index is None:
             from safetensors import safe_open
 
-            self._index = {}
+            self._index, self._digests = {}, {}
             for part in sorted(self.folder.glob("part-*.safetensors")):
                 try:
                     with safe_open(str(part), "pt") as f:
-                        keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+                        meta = f.metadata() or {}
+                    keys = json.loads(meta.get("keys", "[]"))
                 except Exception as e:  # noqa: BLE001 - a damaged part is only lost work: computed again
                     log.warning("%s: unreadable (%s): its photos are computed again", part, type(e).__name__)
                     continue
+                self._digests[part] = meta.get("sha256")
                 self._index.update((k, (part, i)) for i, k in enumerate(keys))
         return self._index
 
@@ -72,12 +75,8 @@ class TowerFeatures:
         out: dict[str, torch.Tensor] = {}
         for part, wanted in by_part.items():
             try:
-                from safetensors import safe_open
-
-                with safe_open(str(part), "pt") as f:
-                    digest = (f.metadata() or {}).get("sha256")
                 values = load_tensors(part)["values"]
-                if _digest(values) != digest:
+                if _digest(values) != self._digests.get(part):
                     raise ValueError("its values do not match their sha256")
             except Exception as e:  # noqa: BLE001 - a damaged part is only lost work: computed again
                 log.warning("%s: %s: its %d photos are computed again", part, e, len(wanted))
@@ -94,10 +93,11 @@ class TowerFeatures:
         if not (self.folder / "tower.json").is_file():
             write_json(self.folder / "tower.json", self.identity)
         values = values.detach().cpu().contiguous()
-        part = self.folder / f"part-{time.time_ns()}-{os.getpid()}.safetensors"
+        part, digest = self.folder / f"part-{time.time_ns()}-{os.getpid()}.safetensors", _digest(values)
         save_tensors(part, {"values": values}, metadata={"format": PART_FORMAT, "keys": json.dumps(list(keys)),
-                                                         "sha256": _digest(values)})
+                                                         "sha256": digest})
         if self._index is not None:
+            self._digests[part] = digest
             self._index.update((k, (part, i)) for i, k in enumerate(keys))
         return part
 

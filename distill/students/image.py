@@ -9,7 +9,7 @@ from ..errors import FileFormatError, unreachable
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessCfg
 from .registry import STUDENTS
 from .base import ImageTower, keep_space
-from .pretrained import load_weights, package_weights, saved_image_tower
+from .pretrained import load_weights, package_weights, saved_image_tower, state_mismatch
 
 
 def build_image_tower(
@@ -61,16 +61,12 @@ def _inherited_tower(spec: dict[str, Any], embed_dim: int, preprocess: Preproces
     state, pre, record = saved_image_tower(folder, spec["timm_name"], embed_dim)
     trunk = timm.create_model(spec["timm_name"], pretrained=False, num_classes=0, **(spec.get("model_kwargs") or {}))
     tower = ImageTower(trunk, embed_dim, preprocess or PreprocessCfg.from_dict(pre), {**spec, "weights": record})
-    want = tower.state_dict()
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-             if k in state and state[k].shape != v.shape]
-    missing = sorted(set(want) - set(state))
-    if wrong or missing:
-        raise FileFormatError(f"student.kwargs.pretrained: {folder}: its image tower does not fit this one ("
-                              f"{'; '.join(wrong[:2]) if wrong else 'missing ' + ', '.join(missing[:3])}; "
+    what = state_mismatch(tower, state)
+    if what:
+        raise FileFormatError(f"student.kwargs.pretrained: {folder}: its image tower does not fit this one ({what}; "
                               "model_kwargs that change the shapes, such as a ViT's img_size)")
     with torch.no_grad():
-        tower.load_state_dict({k: state[k] for k in want}, strict=True)
+        tower.load_state_dict(state, strict=True)
     return tower
 
 

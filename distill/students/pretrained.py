@@ -155,6 +155,18 @@ def _head_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
     return {k for k in state if k.startswith(name + ".")}
 
 
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], ignore: set[str] = frozenset()) -> str | None:
+    """What keeps ``state`` from loading into ``model`` key for key (keys in ``ignore`` may be extra), or None."""
+    want = model.state_dict()
+    extra = sorted(set(state) - set(want) - set(ignore))
+    missing = sorted(set(want) - set(state))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+             if k in state and state[k].shape != want[k].shape]
+    return (f"{len(missing)} of the model's keys missing (e.g. {', '.join(missing[:3])})" if missing else
+            f"shapes differ ({'; '.join(wrong[:3])})" if wrong else
+            f"{len(extra)} keys the model lacks (e.g. {', '.join(extra[:3])})" if extra else None)
+
+
 def load_weights(model: nn.Module, source: str | Path, timm_name: str) -> str:
     """Load ``source`` (a weights file) into ``model``; every model key must be in the file with its shape.
     A classifier the model does not have (a trunk) is left out. Returns what was loaded, for the record."""
@@ -162,17 +174,10 @@ def load_weights(model: nn.Module, source: str | Path, timm_name: str) -> str:
     digest = file_digest(path)
     state = read_state_dict(converted_file(path, digest, model, timm_name))
     state, _ = to_timm_keys(state, model)
-    want = model.state_dict()
-    extra = sorted(set(state) - set(want) - _head_keys(model, state))
-    missing = sorted(set(want) - set(state))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
-             if k in state and state[k].shape != want[k].shape]
-    if missing or extra or wrong:
-        what = (f"{len(missing)} of the model's keys missing (e.g. {', '.join(missing[:3])})" if missing else
-                f"shapes differ ({'; '.join(wrong[:3])})" if wrong else
-                f"{len(extra)} keys the model lacks (e.g. {', '.join(extra[:3])})")
+    what = state_mismatch(model, state, ignore=_head_keys(model, state))
+    if what:
         raise FileFormatError(f"{path}: not weights of {timm_name}: {what}")
-    model.load_state_dict({k: state[k] for k in want}, strict=True)
+    model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
     return f"{path.name} sha256:{digest[:16]}"
 
 
@@ -182,8 +187,9 @@ def saved_image_tower(folder: str | Path, timm_name: str, embed_dim: int,
     same timm model to start from: (its state: trunk and head, its preprocessing, what was loaded for the
     record). Another model, or a head of another width, stops naming the folder and the field."""
     from ..io import load_tensors, read_format_json
+    from ..outputs import model_folder
 
-    folder = Path(folder)
+    folder = model_folder(folder)  # a run folder names its trained model
     cfg = read_format_json(folder / "config.json", "clip-distill-student/1",
                            "student.kwargs.pretrained: give a weights file or a saved model folder")
     where = f"student.kwargs.pretrained: {folder}"
@@ -209,4 +215,5 @@ def package_weights(timm_name: str) -> Path | None:
 
 
 __all__ = ["Layout", "PackageWeights", "LAYOUTS", "LOCAL_WEIGHTS", "register_layout", "read_state_dict",
-           "to_timm_keys", "converted_file", "load_weights", "package_weights", "saved_image_tower", "cache_dir"]
+           "to_timm_keys", "converted_file", "load_weights", "state_mismatch", "package_weights", "saved_image_tower",
+           "cache_dir"]
