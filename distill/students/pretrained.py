@@ -188,9 +188,10 @@ def saved_image_tower(folder: str | Path, timm_name: str, embed_dim: int,
     record). Another model, or a head of another width, stops naming the folder and the field."""
     from ..io import load_tensors, read_format_json
     from ..outputs import model_folder
+    from .base import FORMAT
 
     folder = model_folder(folder)  # a run folder names its trained model
-    cfg = read_format_json(folder / "config.json", "clip-distill-student/1",
+    cfg = read_format_json(folder / "config.json", FORMAT,
                            "student.kwargs.pretrained: give a weights file or a saved model folder")
     where = f"student.kwargs.pretrained: {folder}"
     image = cfg.get("image")
